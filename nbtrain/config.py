@@ -1,0 +1,158 @@
+"""The experiment's configuration: every knob, its default and what it may be.
+
+Validation happens here, once, for both `Experiment(...)` and `Experiment.set(...)`, so an
+error always reads the same way: the parameter, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
+Init = Literal["he", "xavier", "default"]
+OptimizerName = Literal["adam", "sgd"]
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
+INITS: tuple[str, ...] = ("he", "xavier", "default")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
+# What `Experiment.set()` may change while a run is going. Everything else is fixed for a run.
+LIVE_KEYS: tuple[str, ...] = ("dropout", "batchnorm", "clip", "lr")
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that defines an experiment apart from its data.
+
+    Defaults are the course's usual starting point: a funnel MLP 128-64-32 with ReLU and He
+    initialization, trained by Adam at lr=1e-3 in batches of 64.
+    """
+
+    hidden: tuple[int, ...] = (128, 64, 32)
+    activation: Activation = "relu"
+    init: Init = "he"
+    optimizer: OptimizerName = "adam"
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 20
+    dropout: float = 0.0
+    batchnorm: bool = False
+    clip: float | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    eval_every: int | None = None
+    eval_batch_size: int = 512
+    threads: int | None = None
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _fail(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise _fail(name, value, "a positive integer")
+    return value
+
+
+def _check_positive_number(name: str, value: Any) -> float:
+    if not _is_number(value) or value <= 0:
+        raise _fail(name, value, "a positive finite number")
+    return float(value)
+
+
+def _check_fraction(name: str, value: Any, *, low_open: bool) -> float:
+    ok = _is_number(value) and (value > 0 if low_open else value >= 0) and value < 1
+    if not ok:
+        raise _fail(name, value, "a number in (0, 1)" if low_open else "a number in [0, 1)")
+    return float(value)
+
+
+def check_value(name: str, value: Any) -> Any:
+    """Validate one parameter and return it in its canonical form."""
+    if name == "hidden":
+        if isinstance(value, int) or not all(_is_int(w) and w >= 1 for w in value):
+            raise _fail(name, value, "a sequence of positive integers such as (128, 64, 32)")
+        return tuple(value)
+    if name == "activation":
+        return _check_choice(name, value, ACTIVATIONS)
+    if name == "init":
+        return _check_choice(name, value, INITS)
+    if name == "optimizer":
+        return _check_choice(name, value, OPTIMIZERS)
+    if name == "lr":
+        return _check_positive_number(name, value)
+    if name in ("batch_size", "epochs", "eval_batch_size"):
+        return _check_positive_int(name, value)
+    if name == "dropout":
+        return _check_fraction(name, value, low_open=False)
+    if name == "batchnorm":
+        if not isinstance(value, bool):
+            raise _fail(name, value, "True or False")
+        return value
+    if name == "clip":
+        if value is None:
+            return None
+        if not _is_number(value) or value <= 0:
+            raise _fail(name, value, "None (no clipping) or a positive max gradient norm")
+        return float(value)
+    if name == "seed":
+        if not _is_int(value) or value < 0:
+            raise _fail(name, value, "a non-negative integer")
+        return value
+    if name == "val_fraction":
+        return _check_fraction(name, value, low_open=True)
+    if name in ("eval_every", "threads"):
+        return None if value is None else _check_positive_int(name, value)
+    raise unknown_parameter(name, FIELDS)
+
+
+def unknown_parameter(name: str, allowed: tuple[str, ...]) -> ValueError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown parameter {name!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def make_config(values: Mapping[str, Any]) -> Config:
+    """Build a validated Config from keyword arguments."""
+    checked = {name: check_value(name, value) for name, value in values.items()}
+    return Config(**checked)
+
+
+def check_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the keyword arguments of `Experiment.set()`."""
+    if not changes:
+        raise ValueError(f"set() needs at least one change; allowed: {', '.join(LIVE_KEYS)}")
+    checked = {}
+    for name, value in changes.items():
+        if name not in LIVE_KEYS:
+            where = "is fixed for a run" if name in FIELDS else "is not a parameter"
+            raise ValueError(
+                f"{name!r} {where}; set() can change {', '.join(LIVE_KEYS)} while training"
+            )
+        checked[name] = check_value(name, value)
+    return checked

@@ -1,0 +1,82 @@
+"""Data for an experiment: the embedded digits set, or arrays the user brings.
+
+Everything ends up as four tensors (train and validation inputs and labels), standardized
+with statistics of the training split only, so no validation information leaks into training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class Split:
+    """Standardized train and validation tensors, and what a model needs to know of them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    classes: np.ndarray  # original label values; the tensors hold their indices 0..n-1
+    name: str
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: 1,797 images, 64 features, 10 classes; ships with sklearn."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _as_numpy(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+
+
+def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
+    """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`)."""
+    from sklearn.model_selection import train_test_split
+
+    if data is None:
+        x, y = load_digits()
+        name = "digits"
+    else:
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise ValueError(f"data must be None (digits) or a pair (X, y), got {data!r:.80}")
+        x, y = _as_numpy("data X", data[0]), _as_numpy("data y", data[1])
+        name = "user data"
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    if len(x) != len(y):
+        raise ValueError(f"data X has {len(x)} rows but y has {len(y)} labels; they must match")
+    classes, y_index = np.unique(np.asarray(y).reshape(-1), return_inverse=True)
+
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, y_index, test_size=val_fraction, random_state=seed, stratify=y_index
+    )
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0  # constant pixels (digits' borders) stay zero instead of dividing by 0
+    return Split(
+        x_train=torch.from_numpy((x_train - mean) / std),
+        y_train=torch.from_numpy(y_train.astype(np.int64)),
+        x_val=torch.from_numpy((x_val - mean) / std),
+        y_val=torch.from_numpy(y_val.astype(np.int64)),
+        classes=classes,
+        name=name,
+    )

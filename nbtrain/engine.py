@@ -1,0 +1,499 @@
+"""The training engine: an experiment that trains in a worker thread and takes changes live.
+
+Pure PyTorch: nothing here imports ipywidgets or bqplot, so the engine runs in scripts, tests
+and CI as it does under the panel.
+
+Counting: ``step`` is the number of optimizer steps completed and ``epoch`` the number of
+epochs completed, both starting at 0; history rows for step N are recorded after the N-th step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .config import LIVE_KEYS, Config, check_changes, make_config
+from .data import Split, prepare
+from .gradients import GradientProbe
+from .history import Event, History
+from .model import FunnelMLP, initialize
+
+log = logging.getLogger(__name__)
+
+State = Literal["idle", "running", "paused", "finished", "stopped", "failed"]
+
+# What observers can attach to with `Experiment.on()`. Callbacks run in the training thread,
+# between steps, and receive the experiment and a payload (the Event, for "change_applied").
+OBSERVABLE = (
+    "run_started",
+    "step_completed",
+    "evaluated",
+    "epoch_completed",
+    "change_applied",
+    "run_ended",
+)
+
+Callback = Callable[["Experiment", Any], None]
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return "off" if value == 0 else f"{value:g}"
+    return str(value)
+
+
+class Experiment:
+    """A network, its data and optimizer, and the controls to train it live.
+
+    >>> exp = Experiment(epochs=1)
+    >>> exp.run().last("val_acc") > 0.5
+    True
+    """
+
+    def __init__(self, data: Any = None, **config: Any) -> None:
+        self.config: Config = make_config(config)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        self.data: Split = prepare(data, val_fraction=self.config.val_fraction, seed=self.config.seed)
+        self._cond = threading.Condition(threading.RLock())
+        self._observers: dict[str, list[Callback]] = defaultdict(list)
+        self._worker: threading.Thread | None = None
+        self._loop_active = False
+        self._stop_requested = False
+        self._pause_requested = False
+        self._single_steps = 0
+        self._pending: dict[str, Any] = {}
+        self._build()
+
+    def _build(self) -> None:
+        """A fresh model, optimizer and history from the seed and the current config."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.model: nn.Module = FunnelMLP(
+            self.data.n_features, cfg.hidden, self.data.n_classes, cfg.activation
+        )
+        initialize(self.model, cfg.init, cfg.activation)
+        self.model.set_dropout(cfg.dropout)
+        self.model.set_batchnorm(cfg.batchnorm)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.optimizer = self._make_optimizer()
+        self.probe = GradientProbe(self.model, self.model.named_layers())
+        self._step_columns = ["train_loss", "lr", *self.probe.columns]
+        self._rng_state = torch.get_rng_state()  # dropout's draws continue across start/stop
+        self._order = torch.Generator().manual_seed(cfg.seed)  # shuffling only
+        self._perm = torch.zeros(0, dtype=torch.long)
+        self._bounds: list[tuple[int, int]] = []
+        self._pos = 0
+        self.history = History()
+        self.step_count = 0
+        self.epoch_count = 0
+        self._target_epoch = 0
+        self.state: State = "idle"
+        self.error: str | None = None
+        self.exception: BaseException | None = None
+        self._run_started_at: float | None = None
+        self._run_ended_at: float | None = None
+        self._run_start_step = 0
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.config.lr)
+        return torch.optim.Adam(params, lr=self.config.lr)
+
+    # Observers
+
+    def on(self, name: str, callback: Callback) -> Callback:
+        """Call `callback(experiment, payload)` on each `name` event; returns the callback."""
+        if name not in OBSERVABLE:
+            raise ValueError(f"event must be one of {', '.join(OBSERVABLE)}, got {name!r}")
+        self._observers[name].append(callback)
+        return callback
+
+    def off(self, name: str, callback: Callback) -> None:
+        self._observers[name].remove(callback)
+
+    def _emit(self, name: str, payload: Any = None) -> None:
+        # Note: an observer's exception is not caught here; it fails the run, visibly.
+        for callback in self._observers.get(name, ()):
+            callback(self, payload)
+
+    # Live settings
+
+    @property
+    def in_force(self) -> dict[str, Any]:
+        """The live settings the next step will run with (pending changes not included)."""
+        return {name: getattr(self.config, name) for name in LIVE_KEYS}
+
+    @property
+    def pending(self) -> dict[str, Any]:
+        with self._cond:
+            return dict(self._pending)
+
+    def set(self, **changes: Any) -> None:
+        """Queue live changes (``dropout``, ``batchnorm``, ``clip``, ``lr``).
+
+        They are applied together at the next step boundary, never inside a step, and each
+        becomes a "change" event whose step is the first step that runs with it. When no
+        run is going, that boundary is now.
+        """
+        checked = check_changes(changes)
+        with self._cond:
+            self._pending.update(checked)
+            if not self._loop_active:
+                self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        with self._cond:
+            changes, self._pending = self._pending, {}
+        for name, value in changes.items():
+            old = getattr(self.config, name)
+            if old == value:
+                continue
+            if name == "dropout":
+                self.model.set_dropout(value)
+            elif name == "batchnorm":
+                self.model.set_batchnorm(value)
+            elif name == "lr":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = value
+            self.config = self.config.replace(**{name: value})
+            label = f"{name} {_format(old)}→{_format(value)}"
+            event = self._event("change", label, {"name": name, "old": old, "new": value})
+            self._emit("change_applied", event)
+
+    def _event(self, kind: str, label: str, detail: dict[str, Any] | None = None) -> Event:
+        """Record an event at the boundary before the next step."""
+        event = Event(self.step_count + 1, self.epoch_count + 1, kind, label, detail or {})
+        self.history.add_event(event)
+        return event
+
+    # Controls
+
+    def start(self, epochs: int | None = None) -> None:
+        """Train in a background thread for `epochs` more epochs (default: config.epochs).
+
+        Returns at once, so the notebook stays free. While a run is going, a second call
+        does not start a second worker; on a paused run it resumes.
+        """
+        epochs = self._check_epochs(epochs)
+        with self._cond:
+            if self._loop_active:
+                self.resume()
+                return
+            self._begin(epochs)
+            self._worker = threading.Thread(
+                target=self._loop, name="nbtrain-training", daemon=True
+            )
+            self._worker.start()
+
+    def run(self, epochs: int | None = None) -> History:
+        """Train `epochs` more epochs in this thread and return the history when done.
+
+        For scripts and notebooks checked by nbval. Ctrl-C (KeyboardInterrupt) stops the run
+        cleanly, keeping the history and the model, and is then raised again.
+        """
+        epochs = self._check_epochs(epochs)
+        with self._cond:
+            if self._loop_active:
+                raise RuntimeError(
+                    "a run is already going in the background; use wait() or stop() first"
+                )
+            self._begin(epochs)
+        self._loop()
+        return self.history
+
+    def _check_epochs(self, epochs: int | None) -> int:
+        if epochs is None:
+            return self.config.epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        return epochs
+
+    def _begin(self, epochs: int) -> None:
+        self._loop_active = True
+        self._stop_requested = False
+        self._target_epoch = self.epoch_count + epochs
+        self.error = None
+        self.exception = None
+
+    def pause(self, wait: bool = True, timeout: float = 5.0) -> None:
+        """Pause at the next step boundary; with `wait`, return once the run is paused."""
+        with self._cond:
+            if not self._loop_active:
+                return
+            self._pause_requested = True
+            self._cond.notify_all()
+            if wait and threading.current_thread() is not self._worker:
+                self._cond.wait_for(
+                    lambda: self.state == "paused" or not self._loop_active, timeout
+                )
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_requested = False
+            self._single_steps = 0
+            self._cond.notify_all()
+
+    def step(self, timeout: float = 30.0) -> None:
+        """Run exactly one step and stay paused (starting a paused run if none is going)."""
+        with self._cond:
+            if self._loop_active and not self._pause_requested:
+                raise RuntimeError("step() works on a paused run; pause() first")
+            target = self.step_count + 1
+            if self._loop_active:
+                self._single_steps += 1
+                self._cond.notify_all()
+            else:
+                self._pause_requested = True
+                self._single_steps = 1
+                self._begin(self.config.epochs)
+                self._worker = threading.Thread(
+                    target=self._loop, name="nbtrain-training", daemon=True
+                )
+                self._worker.start()
+            self._cond.wait_for(lambda: self.step_count >= target or not self._loop_active, timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the run at the next step boundary and wait for the worker to finish."""
+        with self._cond:
+            if not self._loop_active:
+                return
+            self._stop_requested = True
+            self._cond.notify_all()
+        self._join(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background run ends; True if it has ended."""
+        return self._join(timeout)
+
+    def _join(self, timeout: float | None) -> bool:
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
+            return not worker.is_alive()
+        return not self._loop_active
+
+    def reset(self) -> None:
+        """Stop any run and start over: same seed, current settings, empty history."""
+        self.stop()
+        with self._cond:
+            self._pause_requested = False
+            self._single_steps = 0
+            self._build()
+
+    @property
+    def running(self) -> bool:
+        return self._loop_active
+
+    @property
+    def steps_per_second(self) -> float | None:
+        """Average rate of the current (or last) run, pauses included; None before a run."""
+        if self._run_started_at is None:
+            return None
+        elapsed = (self._run_ended_at or time.perf_counter()) - self._run_started_at
+        steps = self.step_count - self._run_start_step
+        return steps / elapsed if elapsed > 0 and steps else None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the current run's epochs done, 0 to 1 (1 once it has finished)."""
+        if self._target_epoch == 0:
+            return 0.0
+        within = self._pos / len(self._bounds) if self._bounds and self._pos < len(self._bounds) else 0
+        return min(1.0, (self.epoch_count + within) / self._target_epoch)
+
+    @property
+    def target_epoch(self) -> int:
+        """The epoch count the current (or last) run trains up to."""
+        return self._target_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._batch_bounds())
+
+    # The loop
+
+    def _loop(self) -> None:
+        self._run_started_at, self._run_ended_at = time.perf_counter(), None
+        self._run_start_step = self.step_count
+        self.state = "running"
+        self._event("started", "start")
+        outcome: State = "stopped"
+        interrupted = False
+        torch.set_rng_state(self._rng_state)
+        try:
+            self._emit("run_started")
+            if self.history.n_evals == 0:
+                self._evaluate()
+            while self.epoch_count < self._target_epoch:
+                if not self._take_turn():
+                    break
+                self._train_step()
+                if self._pos >= len(self._bounds):
+                    self.epoch_count += 1
+                    self._evaluate()
+                    self._emit("epoch_completed")
+                elif self.config.eval_every and self.step_count % self.config.eval_every == 0:
+                    self._evaluate()
+            else:
+                outcome = "finished"
+        except KeyboardInterrupt:
+            interrupted = True
+        except Exception as exc:  # a user's model, data or observer failed: show, don't die
+            outcome = "failed"
+            self.exception = exc
+            self.error = traceback.format_exc()
+            log.error("run failed at step %d:\n%s", self.step_count, self.error)
+        finally:
+            self._rng_state = torch.get_rng_state()
+            self._run_ended_at = time.perf_counter()
+            with self._cond:
+                self._loop_active = False
+                self._pause_requested = False
+                self._single_steps = 0
+                self.state = outcome
+                self._apply_pending()  # a change that arrived as the run ended: now is a boundary
+                self._cond.notify_all()
+            label = outcome if not self.error else f"failed: {self.exception!r:.60}"
+            self._event(outcome, label)
+            self._emit("run_ended", outcome)
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _take_turn(self) -> bool:
+        """At a step boundary: honour stop and pause; False means end the run."""
+        if not (self._pause_requested or self._stop_requested):
+            return True
+        with self._cond:
+            while True:
+                if self._stop_requested:
+                    return False
+                if not self._pause_requested:
+                    if self.state == "paused":
+                        self.state = "running"
+                        self._event("resumed", "resume")
+                    return True
+                if self.state != "paused":
+                    self.state = "paused"
+                    self._event("paused", "pause")
+                    self._cond.notify_all()
+                if self._single_steps > 0:
+                    self._single_steps -= 1
+                    return True
+                self._cond.wait()
+
+    def _batch_bounds(self) -> list[tuple[int, int]]:
+        n, size = len(self.data.y_train), self.config.batch_size
+        starts = list(range(0, n, size))
+        if n % size == 1 and len(starts) > 1:
+            starts.pop()  # fold a last batch of one sample into the one before (batch norm)
+        ends = [*starts[1:], n]
+        return list(zip(starts, ends))
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pos >= len(self._bounds):
+            self._perm = torch.randperm(len(self.data.y_train), generator=self._order)
+            self._bounds = self._batch_bounds()
+            self._pos = 0
+        start, end = self._bounds[self._pos]
+        self._pos += 1
+        index = self._perm[start:end]
+        return self.data.x_train[index], self.data.y_train[index]
+
+    def _train_step(self) -> None:
+        # Changes queued by set() land here, between steps, all at once.
+        if self._pending:
+            self._apply_pending()
+        x, y = self._next_batch()
+
+        # Forward and backward.
+        self.model.train()
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+        # Measure before clipping: the plots show what the network produced.
+        stats = self.probe.measure()
+        if self.config.clip is not None:
+            nn.utils.clip_grads_with_norm_(self.probe.parameters, self.config.clip, stats[0])
+        self.optimizer.step()
+        self.step_count += 1
+
+        # Record: one host transfer for the loss and every gradient statistic.
+        values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
+        values.insert(1, self.optimizer.param_groups[0]["lr"])
+        self.history.record_row("step", self.step_count, self.epoch_count, self._step_columns, values)
+        self._emit("step_completed")
+        if self._pause_requested:
+            with self._cond:
+                self._cond.notify_all()  # step() is waiting for this step
+
+    def _evaluate(self) -> None:
+        metrics = {}
+        for split, x, y in (
+            ("train", self.data.x_train, self.data.y_train),
+            ("val", self.data.x_val, self.data.y_val),
+        ):
+            loss, acc = evaluate(self.model, x, y, self.loss_fn, self.config.eval_batch_size)
+            metrics[f"{split}_loss"] = loss
+            metrics[f"{split}_acc"] = acc
+        self.history.record("eval", self.step_count, self.epoch_count, metrics)
+        self._emit("evaluated", metrics)
+
+    # Presentation
+
+    def summary(self) -> dict[str, Any]:
+        """Where the run stands, in plain numbers."""
+        return {
+            "state": self.state,
+            "step": self.step_count,
+            "epoch": self.epoch_count,
+            "train_loss": self.history.last("train_loss", "eval"),
+            "train_acc": self.history.last("train_acc"),
+            "val_loss": self.history.last("val_loss"),
+            "val_acc": self.history.last("val_acc"),
+        }
+
+    def __repr__(self) -> str:
+        hidden = "-".join(map(str, self.config.hidden))
+        return (
+            f"Experiment({self.data.name}, mlp {hidden} {self.config.activation}, "
+            f"{self.config.optimizer} lr={self.config.lr:g}, batch {self.config.batch_size})"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch_size: int
+) -> tuple[float, float]:
+    """Loss and accuracy over a whole set in eval mode, weighted by samples, not by batches.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    try:
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            out = model(xb)
+            total_loss += loss_fn(out, yb).float() * len(yb)  # a mean-reduced loss, re-weighted
+            correct += (out.argmax(dim=1) == yb).sum()
+    finally:
+        model.train(was_training)
+    n = max(len(y), 1)
+    return total_loss.item() / n, correct.item() / n

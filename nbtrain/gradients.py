@@ -1,0 +1,75 @@
+"""Per-layer gradient statistics, measured for every layer at once.
+
+One call reduces every gradient tensor with fused ``torch._foreach_norm`` kernels and returns
+a single tensor, so a step costs one host transfer however many layers the model has.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class GradientProbe:
+    """Measures the total gradient norm and, per named layer, L2 norm, mean |g| and max |g|.
+
+    A layer's statistics cover all of its parameters (weight and bias together). A layer
+    whose parameters received no gradient in this step reads NaN, never zero: "no gradient"
+    and "a gradient of zero" are different diagnoses. The total norm covers every parameter
+    of the model, layers or not (batch norm's scale and shift, say), before any clipping.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> None:
+        self.layer_names = [name for name, _ in layers]
+        self._layer_params = [[p for p in m.parameters() if p.requires_grad] for _, m in layers]
+        in_layers = {id(p) for params in self._layer_params for p in params}
+        self._other_params = [
+            p for p in model.parameters() if p.requires_grad and id(p) not in in_layers
+        ]
+        self.parameters = [p for params in self._layer_params for p in params]
+        self.parameters += self._other_params
+        self.columns = ["grad_norm"]
+        for stat in ("grad_norm", "grad_mean", "grad_max"):
+            self.columns += [f"{stat}/{name}" for name in self.layer_names]
+
+    def measure(self) -> torch.Tensor:
+        """``[total_norm, norms..., means..., maxes...]`` as one float32 tensor."""
+        grads: list[torch.Tensor] = []
+        owners: list[int] = []
+        numel = [0] * len(self._layer_params)
+        for index, params in enumerate(self._layer_params):
+            for p in params:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    owners.append(index)
+                    numel[index] += p.grad.numel()
+        n_layers = len(self._layer_params)
+        other = [p.grad for p in self._other_params if p.grad is not None]
+        if not grads and not other:
+            return torch.full((1 + 3 * n_layers,), math.nan)
+        device = (grads or other)[0].device
+
+        norms = torch.full((n_layers,), math.nan, device=device)
+        means = torch.full((n_layers,), math.nan, device=device)
+        maxes = torch.full((n_layers,), math.nan, device=device)
+        total_sq = torch.zeros((), device=device)
+        if grads:
+            owner = torch.tensor(owners, device=device)
+            l2 = torch.stack(torch._foreach_norm(grads, 2)).float()
+            l1 = torch.stack(torch._foreach_norm(grads, 1)).float()
+            linf = torch.stack(torch._foreach_norm(grads, math.inf)).float()
+            has = torch.tensor([n > 0 for n in numel], device=device)
+            sq = torch.zeros(n_layers, device=device).index_add_(0, owner, l2 * l2)
+            l1_sum = torch.zeros(n_layers, device=device).index_add_(0, owner, l1)
+            counts = torch.tensor([max(n, 1) for n in numel], device=device, dtype=torch.float32)
+            mx = torch.zeros(n_layers, device=device).scatter_reduce_(0, owner, linf, "amax")
+            norms = torch.where(has, sq.sqrt(), norms)
+            means = torch.where(has, l1_sum / counts, means)
+            maxes = torch.where(has, mx, maxes)
+            total_sq = total_sq + sq.sum()
+        if other:
+            total_sq = total_sq + torch.stack(torch._foreach_norm(other, 2)).float().pow(2).sum()
+        return torch.cat([total_sq.sqrt().reshape(1), norms, means, maxes])

@@ -1,0 +1,265 @@
+"""The control panel: buttons and switches that drive an Experiment, and its live plots.
+
+Threads: button and slider callbacks run on the kernel's main thread and only call the
+engine. All display widgets (plots, status, readouts, error area) are written by
+`Dashboard.refresh()` under one lock; a daemon thread calls it at most `rate` times a second
+while something changed, and the engine's "run_ended" event calls it once more, so the last
+state of a run reaches the notebook while the cell that ran it is still executing.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as w
+
+from ..engine import Experiment
+from .plots import AccuracyFigure, GradientFigures, LossFigure, View
+
+log = logging.getLogger(__name__)
+
+BUTTON = w.Layout(width="92px")
+
+
+def _readout(value: Any, pending: Any = None, has_pending: bool = False) -> str:
+    text = "off" if value in (None, False, 0, 0.0) else ("on" if value is True else f"{value:g}")
+    if has_pending:
+        text += f" (next step: {_readout(pending)})"
+    return f"<span style='color:#555'>in force: <b>{text}</b></span>"
+
+
+class Dashboard(w.VBox):
+    """A live panel for an `Experiment`.
+
+    Parameters:
+        experiment: the experiment to drive and watch.
+        rate: the most refreshes per second (at most 10 messages a second per mark).
+        max_points: the most points one plotted line carries, whatever the run's length.
+    """
+
+    def __init__(self, experiment: Experiment, *, rate: float = 10.0, max_points: int = 2000):
+        if not isinstance(experiment, Experiment):
+            raise ValueError(f"experiment must be an nbtrain.Experiment, got {experiment!r:.60}")
+        if not 0 < rate <= 10:
+            raise ValueError(f"rate must be in (0, 10] refreshes per second, got {rate!r}")
+        if max_points < 10:
+            raise ValueError(f"max_points must be at least 10, got {max_points!r}")
+        self.experiment = experiment
+        self.rate = rate
+        self.max_points = max_points
+        self._lock = threading.RLock()
+        self._seen: tuple | None = None
+        self._wake = threading.Event()
+        self._closed = False
+
+        cfg = experiment.config
+        self.status = w.HTML()
+        self.progress = w.FloatProgress(min=0, max=1, layout=w.Layout(width="100%"))
+
+        # Run controls
+        self.start_button = w.Button(description="Start", icon="play", button_style="success",
+                                     layout=BUTTON)
+        self.pause_button = w.Button(description="Pause", icon="pause", layout=BUTTON)
+        self.step_button = w.Button(description="Step", icon="step-forward", layout=BUTTON)
+        self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
+                                    layout=BUTTON)
+        self.reset_button = w.Button(description="Reset", icon="undo", layout=BUTTON)
+        self.start_button.on_click(self._guard(lambda _: experiment.start()))
+        self.pause_button.on_click(self._guard(self._pause_or_resume))
+        self.step_button.on_click(self._guard(lambda _: experiment.step()))
+        self.stop_button.on_click(self._guard(lambda _: experiment.stop()))
+        self.reset_button.on_click(self._guard(lambda _: experiment.reset()))
+
+        # Live switches: they express intent; the readouts beside them show what is in force.
+        self.dropout_toggle = w.ToggleButton(value=cfg.dropout > 0, description="Dropout",
+                                             icon="random", layout=w.Layout(width="120px"))
+        self.dropout_rate = w.FloatSlider(value=cfg.dropout or 0.3, min=0.05, max=0.9,
+                                          step=0.05, description="rate",
+                                          continuous_update=False, readout_format=".2f")
+        self.batchnorm_toggle = w.ToggleButton(value=cfg.batchnorm, description="Batch norm",
+                                               icon="align-center", layout=w.Layout(width="120px"))
+        self.clip_toggle = w.ToggleButton(value=cfg.clip is not None, description="Clip grads",
+                                          icon="cut", layout=w.Layout(width="120px"))
+        self.clip_norm = w.FloatLogSlider(value=cfg.clip or 1.0, base=10, min=-2, max=2,
+                                          step=0.1, description="max norm",
+                                          continuous_update=False, readout_format=".2g")
+        self.lr_slider = w.FloatLogSlider(value=cfg.lr, base=10, min=-5, max=0, step=0.25,
+                                          description="lr", continuous_update=False,
+                                          readout_format=".1e")
+        self.readouts = {name: w.HTML() for name in ("dropout", "batchnorm", "clip", "lr")}
+        for widget in (self.dropout_toggle, self.dropout_rate):
+            widget.observe(self._guard(self._send_dropout), names="value")
+        self.batchnorm_toggle.observe(
+            self._guard(lambda c: experiment.set(batchnorm=c["new"])), names="value"
+        )
+        for widget in (self.clip_toggle, self.clip_norm):
+            widget.observe(self._guard(self._send_clip), names="value")
+        self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
+
+        # Plots
+        self.loss = LossFigure()
+        self.accuracy = AccuracyFigure()
+        self.gradients = GradientFigures(experiment.probe.layer_names)
+
+        # Failures
+        self.error_area = w.HTML(layout=w.Layout(display="none"))
+
+        def row(*children: w.Widget) -> w.HBox:
+            return w.HBox(list(children), layout=w.Layout(align_items="center"))
+
+        buttons = row(self.start_button, self.pause_button, self.step_button,
+                      self.stop_button, self.reset_button)
+        switches = w.VBox([
+            row(self.dropout_toggle, self.dropout_rate, self.readouts["dropout"]),
+            row(self.batchnorm_toggle, self.readouts["batchnorm"]),
+            row(self.clip_toggle, self.clip_norm, self.readouts["clip"]),
+            row(w.Label("Learning rate", layout=w.Layout(width="120px")), self.lr_slider,
+                self.readouts["lr"]),
+        ])
+        plots = w.GridBox(
+            [self.loss.figure, self.accuracy.figure,
+             self.gradients.bar_figure, self.gradients.norm_figure],
+            layout=w.Layout(grid_template_columns="repeat(2, minmax(320px, 1fr))"),
+        )
+        super().__init__([buttons, self.status, self.progress, switches, self.error_area, plots])
+        self.add_class("nbtrain-dashboard")
+
+        experiment.on("run_ended", self._on_run_ended)
+        self.refresh()
+        self._poller = threading.Thread(
+            target=_poll, args=(weakref.ref(self),), name="nbtrain-panel", daemon=True
+        )
+        self._poller.start()
+
+    def __repr__(self) -> str:
+        return "nbtrain.Dashboard"  # Note: nbval compares this text; no live values here.
+
+    # Callbacks (main thread)
+
+    def _guard(self, handler: Callable[[Any], Any]) -> Callable[[Any], None]:
+        """Run a control's handler; a failure is shown in the panel and logged, not lost."""
+
+        def guarded(arg: Any) -> None:
+            try:
+                handler(arg)
+            except Exception as exc:
+                log.exception("panel control failed")
+                self._show_error(f"{type(exc).__name__}: {exc}")
+            self._wake.set()
+
+        return guarded
+
+    def _pause_or_resume(self, _: Any) -> None:
+        if self.experiment.state == "paused":
+            self.experiment.resume()
+        else:
+            self.experiment.pause()
+
+    def _send_dropout(self, _: Any) -> None:
+        rate = self.dropout_rate.value if self.dropout_toggle.value else 0.0
+        self.experiment.set(dropout=round(rate, 4))
+
+    def _send_clip(self, _: Any) -> None:
+        self.experiment.set(clip=self.clip_norm.value if self.clip_toggle.value else None)
+
+    def _on_run_ended(self, experiment: Experiment, outcome: Any) -> None:
+        self.refresh()
+
+    # Display (any thread, serialized by the lock)
+
+    def _fingerprint(self) -> tuple:
+        exp = self.experiment
+        return (id(exp.history), len(exp.history), exp.history.n_evals,
+                len(exp.history.events), exp.state, exp.error, repr(exp.pending))
+
+    def refresh(self) -> None:
+        """Bring every display widget up to date with the experiment, now."""
+        with self._lock:
+            self._seen = self._fingerprint()
+            exp = self.experiment
+            view = View(exp.history, exp.probe.layer_names, self.max_points)
+            self.loss.update(view)
+            self.accuracy.update(view)
+            self.gradients.update(view)
+            self._update_status()
+            self._update_controls()
+            if exp.error:
+                self._show_error(exp.error)
+            elif self.error_area.layout.display != "none":
+                self.error_area.layout.display = "none"
+
+    def _update_status(self) -> None:
+        exp = self.experiment
+        rate = exp.steps_per_second
+        parts = [
+            f"<b>{exp.state}</b>",
+            f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}",
+            f"step {exp.step_count}",
+        ]
+        if rate:
+            parts.append(f"{rate:,.0f} steps/s")
+        val = exp.history.last("val_acc")
+        if val is not None:
+            parts.append(f"val acc {val:.3f}")
+        self.status.value = " · ".join(parts)
+        self.progress.value = exp.progress
+        self.progress.bar_style = {"failed": "danger", "finished": "success"}.get(exp.state, "")
+
+    def _update_controls(self) -> None:
+        exp = self.experiment
+        running, paused = exp.running, exp.state == "paused"
+        self.start_button.disabled = running and not paused
+        self.pause_button.disabled = not running
+        self.pause_button.description = "Resume" if paused else "Pause"
+        self.pause_button.icon = "play" if paused else "pause"
+        self.step_button.disabled = running and not paused
+        self.stop_button.disabled = not running
+        pending = exp.pending
+        for name, value in exp.in_force.items():
+            self.readouts[name].value = _readout(value, pending.get(name), name in pending)
+
+    def _show_error(self, text: str) -> None:
+        with self._lock:
+            body = html.escape(text)
+            self.error_area.value = (
+                "<div style='border-left:4px solid #d62728;padding:4px 8px;background:#fff5f5'>"
+                f"<b>The run failed.</b> The model and history are kept; Reset or Start again."
+                f"<pre style='white-space:pre-wrap;font-size:11px'>{body}</pre></div>"
+            )
+            self.error_area.layout.display = "block"
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        try:
+            self.experiment.off("run_ended", self._on_run_ended)
+        except ValueError:
+            pass
+        super().close()
+
+
+def _poll(ref: weakref.ref[Dashboard]) -> None:
+    """Refresh the panel when the experiment changed, at most `rate` times a second."""
+    last = 0.0
+    while True:
+        dash = ref()
+        if dash is None or dash._closed:
+            return
+        period, wake = 1.0 / dash.rate, dash._wake
+        try:
+            if dash._fingerprint() != dash._seen:
+                last = time.perf_counter()
+                dash.refresh()
+                period = max(period, 2 * (time.perf_counter() - last))  # never saturate a core
+        except Exception:
+            log.exception("panel refresh failed")
+        del dash  # hold no reference while waiting, so a closed panel can be collected
+        wake.wait(period)  # a click wakes the panel early...
+        wake.clear()
+        time.sleep(max(0.0, last + period - time.perf_counter()))  # ...but never above the rate

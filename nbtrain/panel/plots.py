@@ -1,0 +1,236 @@
+"""The panel's bqplot figures: loss, accuracy and gradient flow, updated in place.
+
+Each figure is built once; `update(view)` assigns new arrays to its marks inside
+``hold_sync()`` so one refresh is one message per mark that changed. Long series are
+decimated to at most `max_points` points, keeping each bucket's minimum and maximum so a
+spike never disappears from the plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import bqplot as bq
+import numpy as np
+from ipywidgets import Layout
+from scipy.signal import lfilter
+
+from ..history import Event, History
+
+TRAIN, VAL = "#1f77b4", "#ff7f0e"
+LAYER_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+MARKER_COLOR = "#555555"
+SMOOTHING = 0.9  # EMA weight of the past for the train-loss line
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most `max_points` points of (x, y), keeping each bucket's min and max in order."""
+    n = len(x)
+    if n <= max_points:
+        return x, y
+    buckets = max_points // 2
+    width = -(-n // buckets)
+    padded = np.concatenate([y, np.full(buckets * width - n, np.nan)]).reshape(buckets, width)
+    low = np.where(np.isnan(padded), np.inf, padded).argmin(axis=1)
+    high = np.where(np.isnan(padded), -np.inf, padded).argmax(axis=1)
+    offsets = np.arange(buckets)[:, None] * width
+    index = np.sort(np.stack([low, high], axis=1), axis=1) + offsets
+    index = np.minimum(index.ravel(), n - 1)
+    return x[index], y[index]
+
+
+def smooth(y: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
+    """Exponential moving average, started at the first value (no bias towards zero)."""
+    if len(y) == 0:
+        return y
+    out, _ = lfilter([1 - weight], [1, -weight], y, zi=[weight * y[0]])
+    return out
+
+
+@dataclasses.dataclass
+class View:
+    """A consistent snapshot of what the figures draw, taken once per refresh."""
+
+    history: History
+    layer_names: list[str]
+    max_points: int
+    window: int = 20  # steps averaged for the gradient-flow bars
+
+    def step_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.history.names("step"):
+            return np.zeros(0, dtype=np.int32), np.zeros(0)
+        return self.history.series(name, "step")
+
+    def eval_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.history.names("eval"):
+            return np.zeros(0, dtype=np.int32), np.zeros(0)
+        return self.history.series(name, "eval")
+
+
+def _figure(title: str, marks: list, axes: list, height: str = "280px") -> bq.Figure:
+    return bq.Figure(
+        title=title,
+        marks=marks,
+        axes=axes,
+        layout=Layout(width="100%", height=height, min_width="320px"),
+        fig_margin={"top": 40, "bottom": 40, "left": 60, "right": 20},
+        legend_location="top-right",
+        animation_duration=0,
+    )
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """float32 for the wire; inf becomes a gap (bqplot drops a line after an inf)."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """A log axis cannot show zero, a negative or inf: such points become gaps."""
+    values = _finite(values)
+    return np.where(values > 0, values, np.nan)
+
+
+class _MarkedFigure:
+    """A figure over steps whose change events are drawn as labelled vertical lines."""
+
+    def __init__(self) -> None:
+        self.x_scale = bq.LinearScale(min=0)
+        self.unit = bq.LinearScale(min=0, max=1)  # markers span the height whatever the data
+        self.marker_lines = bq.Lines(
+            x=[], y=[], scales={"x": self.x_scale, "y": self.unit}, colors=[MARKER_COLOR],
+            line_style="dashed", stroke_width=1,
+        )
+        self.marker_labels = bq.Label(
+            x=[], y=[], text=[], scales={"x": self.x_scale, "y": self.unit},
+            colors=[MARKER_COLOR], default_size=11, align="start", x_offset=3,
+        )
+        self._marked = 0
+
+    def update_markers(self, changes: list[Event]) -> None:
+        if len(changes) == self._marked:
+            return
+        steps = np.array([event.step for event in changes], dtype=np.float32)
+        with self.marker_lines.hold_sync(), self.marker_labels.hold_sync():
+            if len(steps):
+                self.marker_lines.x = np.stack([steps, steps], axis=1)
+                self.marker_lines.y = np.tile(np.array([0, 1], dtype=np.float32), (len(steps), 1))
+            else:
+                self.marker_lines.x, self.marker_lines.y = [], []
+            self.marker_labels.x = steps
+            self.marker_labels.y = 0.96 - 0.07 * (np.arange(len(steps)) % 5)
+            self.marker_labels.text = [event.label for event in changes]
+        self._marked = len(changes)
+
+
+class LossFigure(_MarkedFigure):
+    def __init__(self) -> None:
+        super().__init__()
+        y = bq.LinearScale()
+        scales = {"x": self.x_scale, "y": y}
+        self.raw = bq.Lines(
+            x=[], y=[], scales=scales, colors=[TRAIN], opacities=[0.25], labels=["train (batch)"]
+        )
+        self.smoothed = bq.Lines(
+            x=[], y=[], scales=scales, colors=[TRAIN], labels=["train (smoothed)"],
+            display_legend=True, stroke_width=2,
+        )
+        self.val = bq.Lines(
+            x=[], y=[], scales=scales, colors=[VAL], labels=["validation"], marker="circle",
+            marker_size=16, display_legend=True, stroke_width=2,
+        )
+        axes = [
+            bq.Axis(scale=self.x_scale, label="step"),
+            bq.Axis(scale=y, side="left", label="loss", tick_format=".2f"),
+        ]
+        marks = [self.raw, self.smoothed, self.val, self.marker_lines, self.marker_labels]
+        self.figure = _figure("Loss", marks, axes)
+
+    def update(self, view: View) -> None:
+        steps, loss = view.step_series("train_loss")
+        eval_steps, val_loss = view.eval_series("val_loss")
+        x, y = decimate(steps, loss, view.max_points)
+        xs, ys = decimate(steps, smooth(loss), view.max_points)
+        with self.raw.hold_sync(), self.smoothed.hold_sync(), self.val.hold_sync():
+            self.raw.x, self.raw.y = x.astype(np.int32), _finite(y)
+            self.smoothed.x, self.smoothed.y = xs.astype(np.int32), _finite(ys)
+            self.val.x, self.val.y = eval_steps.astype(np.int32), _finite(val_loss)
+        self.update_markers(view.history.changes())
+
+
+class AccuracyFigure(_MarkedFigure):
+    def __init__(self) -> None:
+        super().__init__()
+        y = bq.LinearScale(min=0, max=1)
+        scales = {"x": self.x_scale, "y": y}
+        self.train = bq.Lines(
+            x=[], y=[], scales=scales, colors=[TRAIN], labels=["train"], marker="circle",
+            marker_size=16, display_legend=True, stroke_width=2,
+        )
+        self.val = bq.Lines(
+            x=[], y=[], scales=scales, colors=[VAL], labels=["validation"], marker="circle",
+            marker_size=16, display_legend=True, stroke_width=2,
+        )
+        axes = [
+            bq.Axis(scale=self.x_scale, label="step"),
+            bq.Axis(scale=y, side="left", label="accuracy", tick_format=".0%"),
+        ]
+        marks = [self.train, self.val, self.marker_lines, self.marker_labels]
+        self.figure = _figure("Accuracy (full sets, eval mode)", marks, axes)
+        self.figure.legend_location = "bottom-right"
+
+    def update(self, view: View) -> None:
+        with self.train.hold_sync(), self.val.hold_sync():
+            for mark, name in ((self.train, "train_acc"), (self.val, "val_acc")):
+                steps, acc = view.eval_series(name)
+                mark.x, mark.y = steps.astype(np.int32), _finite(acc)
+        self.update_markers(view.history.changes())
+
+
+class GradientFigures:
+    """Per-layer bars (mean and max |g|, log axis) and per-layer L2 norms over steps."""
+
+    def __init__(self, layer_names: list[str]) -> None:
+        self.layer_names = layer_names
+        colors = [LAYER_COLORS[i % len(LAYER_COLORS)] for i in range(len(layer_names))]
+        bar_y = bq.LogScale()
+        self.bars = bq.Bars(
+            x=layer_names, y=np.full((2, len(layer_names)), np.nan, dtype=np.float32),
+            scales={"x": bq.OrdinalScale(), "y": bar_y}, type="grouped",
+            colors=["#7f7f7f", "#d62728"], labels=["mean |g|", "max |g|"], display_legend=True,
+        )
+        self.bar_figure = _figure(
+            "Gradient flow (last 20 steps)", [self.bars],
+            [bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"),
+             bq.Axis(scale=bar_y, side="left", label="|gradient|", tick_format=".0e")],
+        )
+        self.x_scale = bq.LinearScale(min=0)
+        norm_y = bq.LogScale()
+        self.norms = bq.Lines(
+            x=[], y=[], scales={"x": self.x_scale, "y": norm_y}, colors=colors,
+            labels=layer_names, display_legend=True,
+        )
+        self.norm_figure = _figure(
+            "Per-layer gradient L2 norm", [self.norms],
+            [bq.Axis(scale=self.x_scale, label="step"),
+             bq.Axis(scale=norm_y, side="left", label="‖g‖", tick_format=".0e")],
+        )
+
+    def update(self, view: View) -> None:
+        steps, _ = view.step_series("train_loss")
+        if not len(steps):
+            return
+        recent = slice(-view.window, None)
+        means = [view.step_series(f"grad_mean/{n}")[1][recent] for n in self.layer_names]
+        maxes = [view.step_series(f"grad_max/{n}")[1][recent] for n in self.layer_names]
+        bars = np.array([[np.nanmean(v) if np.isfinite(v).any() else np.nan for v in stat]
+                         for stat in (means, maxes)], dtype=np.float32)
+        # Each layer keeps its own extremes, so each line has its own x (same length).
+        xs, ys = zip(*(
+            decimate(steps, view.step_series(f"grad_norm/{name}")[1], view.max_points)
+            for name in self.layer_names
+        ))
+        with self.bars.hold_sync(), self.norms.hold_sync():
+            self.bars.y = _positive(bars)
+            self.norms.x = np.array(xs, dtype=np.int32)
+            self.norms.y = _positive(np.array(ys))

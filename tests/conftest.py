@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: results are then exact from run to run (see the README)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_data():
+    """300 samples, 8 features, 3 classes, separable enough to learn in a few epochs."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(y, 8).float()
+    return x, y
