@@ -375,8 +375,8 @@ class Experiment:
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
-        if not (self._pause_requested or self._stop_requested):
-            return True
+        if not (self._pause_requested or self._stop_requested) and self.state == "running":
+            return True  # the common case, without the lock
         with self._cond:
             while True:
                 if self._stop_requested:
