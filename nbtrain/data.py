@@ -1,7 +1,8 @@
 """Data for an experiment: the embedded digits set, or arrays the user brings.
 
 Everything ends up as four tensors (train and validation inputs and labels), standardized
-with statistics of the training split only, so no validation information leaks into training.
+with statistics of the training split only, so no validation information leaks into training:
+per feature for tabular data, one mean and std over all pixels for images (digits).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class Split:
     y_val: torch.Tensor
     classes: np.ndarray  # original label values; the tensors hold their indices 0..n-1
     name: str
+    mean: torch.Tensor  # the training statistics the inputs were standardized with
+    std: torch.Tensor
+    image_shape: tuple[int, int] | None = None  # (height, width) when rows are images
 
     @property
     def n_features(self) -> int:
@@ -53,9 +57,10 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
     """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`)."""
     from sklearn.model_selection import train_test_split
 
+    image_shape = None
     if data is None:
         x, y = load_digits()
-        name = "digits"
+        name, image_shape = "digits", (8, 8)
     else:
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise ValueError(f"data must be None (digits) or a pair (X, y), got {data!r:.80}")
@@ -69,9 +74,16 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
     x_train, x_val, y_train, y_val = train_test_split(
         x, y_index, test_size=val_fraction, random_state=seed, stratify=y_index
     )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std[std == 0] = 1.0  # constant pixels (digits' borders) stay zero instead of dividing by 0
+    if image_shape is not None:
+        # Images: one mean and std for all pixels, as image pipelines do. Per-pixel statistics
+        # would give nearly blank border pixels a tiny std, and a shifted image (augmentation)
+        # would turn a little ink there into a huge input.
+        mean = np.full(x_train.shape[1], x_train.mean(), dtype=np.float32)
+        std = np.full(x_train.shape[1], x_train.std(), dtype=np.float32)
+    else:
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0)
+        std[std == 0] = 1.0  # a constant feature stays zero instead of dividing by 0
     return Split(
         x_train=torch.from_numpy((x_train - mean) / std),
         y_train=torch.from_numpy(y_train.astype(np.int64)),
@@ -79,4 +91,7 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
         y_val=torch.from_numpy(y_val.astype(np.int64)),
         classes=classes,
         name=name,
+        mean=torch.from_numpy(mean),
+        std=torch.from_numpy(std),
+        image_shape=image_shape,
     )

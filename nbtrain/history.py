@@ -44,8 +44,20 @@ class Event:
     time: float = dataclasses.field(default_factory=time.time)
 
 
-# Only "change" events are drawn as markers; the others tell the story of the run.
-EVENT_KINDS = ("change", "started", "paused", "resumed", "stopped", "finished", "failed", "reset")
+EVENT_KINDS = (
+    "change",
+    "started",
+    "paused",
+    "resumed",
+    "stopped",
+    "finished",
+    "failed",
+    "restart",
+    "early_stopped",
+    "restored",
+)
+# The kinds drawn as markers on the plots; the others tell the story of the run.
+MARKED_KINDS = ("change", "early_stopped", "restored")
 
 
 class _Table:
@@ -123,13 +135,16 @@ class History:
 
     # Writing (the training loop)
 
-    def record(
-        self, table: TableName, step: int, epoch: int, metrics: dict[str, float]
-    ) -> None:
+    def record(self, table: TableName, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self.record_row(table, step, epoch, list(metrics), list(metrics.values()))
 
     def record_row(
-        self, table: TableName, step: int, epoch: int, names: Sequence[str], values: Sequence[float]
+        self,
+        table: TableName,
+        step: int,
+        epoch: int,
+        names: Sequence[str],
+        values: Sequence[float],
     ) -> None:
         with self._lock:
             self._tables[table].append(step, epoch, names, values)
@@ -186,8 +201,12 @@ class History:
             return list(self._events)
 
     def changes(self) -> list[Event]:
-        """The events that changed a setting, the ones the plots mark."""
+        """The events that changed a setting."""
         return [event for event in self.events if event.kind == "change"]
+
+    def markers(self) -> list[Event]:
+        """The events the plots mark: changes, an early stop, a restore of best weights."""
+        return [event for event in self.events if event.kind in MARKED_KINDS]
 
     # Export
 
