@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .challenges import PRESET_NAMES as presets
 from .config import Config
 from .engine import Experiment, evaluate
 from .history import Event, History
@@ -27,6 +28,7 @@ __all__ = [
     "NBVAL_SANITIZE",
     "evaluate",
     "funnel_widths",
+    "presets",
 ]
 __version__ = "0.1.0"
 

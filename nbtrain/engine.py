@@ -21,8 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .challenges import preset_config
 from .config import LIVE_KEYS, Config, check_changes, make_config
 from .data import Split, prepare
+from .diagnosis import CHECK_EVERY, Diagnosis, Finding
 from .gradients import GradientProbe
 from .history import Event, History
 from .internals import Internals, measure_internals
@@ -66,14 +68,15 @@ class Experiment:
     True
     """
 
-    def __init__(self, data: Any = None, **config: Any) -> None:
+    def __init__(self, data: Any = None, *, preset: str | None = None, **config: Any) -> None:
+        if preset is not None:
+            config = {**preset_config(preset), **config}
+        self.preset = preset
         self.config: Config = make_config(config)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._data_arg = data
-        self.data: Split = prepare(
-            data, val_fraction=self.config.val_fraction, seed=self.config.seed
-        )
+        self.data: Split = self._prepare(self.config)
         self._check_fits(self.config, {"skip": self.config.skip, "augment": self.config.augment})
         self._internals_wanted = False
         self.internals: Internals | None = None
@@ -86,6 +89,17 @@ class Experiment:
         self._single_steps = 0
         self._pending: dict[str, Any] = {}
         self._build()
+        self.on("step_completed", _diagnose_every)
+        self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
+
+    def _prepare(self, cfg: Config) -> Split:
+        return prepare(
+            self._data_arg,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            train_size=cfg.train_size,
+            label_noise=cfg.label_noise,
+        )
 
     def _build(self) -> None:
         """A fresh model, optimizer and history from the seed and the current config."""
@@ -113,6 +127,7 @@ class Experiment:
         self._bounds: list[tuple[int, int]] = []
         self._pos = 0
         self.history = History()
+        self.diagnosis = Diagnosis()
         self.step_count = 0
         self.epoch_count = 0
         self._target_epoch = 0
@@ -404,10 +419,9 @@ class Experiment:
         config = make_config({**dataclasses.asdict(before), **changes})
         self.stop()
         with self._cond:
-            if (config.seed, config.val_fraction) != (self.config.seed, self.config.val_fraction):
-                self.data = prepare(
-                    self._data_arg, val_fraction=config.val_fraction, seed=config.seed
-                )
+            split_keys = ("seed", "val_fraction", "train_size", "label_noise")
+            if any(getattr(config, k) != getattr(before, k) for k in split_keys):
+                self.data = self._prepare(config)
             self._check_fits(config, changes)
             self.config = config
             self._pause_requested = False
@@ -420,6 +434,38 @@ class Experiment:
             if changed:
                 text = ", ".join(f"{k}={_format(getattr(config, k))}" for k in changed)
                 self._event("restart", f"restart: {text}", changed)
+
+    def extend(self, epochs: int) -> None:
+        """Train `epochs` more: the run going now trains longer, or a new run starts."""
+        epochs = self._check_epochs(epochs)
+        with self._cond:
+            if self._loop_active:
+                self._target_epoch += epochs
+                self._event(
+                    "change",
+                    f"train {epochs} epochs longer",
+                    {
+                        "name": "epochs",
+                        "old": self._target_epoch - epochs,
+                        "new": self._target_epoch,
+                    },
+                )
+                return
+        self.start(epochs)
+
+    def load_preset(self, name: str, seed: int | None = None) -> None:
+        """Start over as the preset `name` (a new run), everything else at its default."""
+        config = preset_config(name)
+        config["seed"] = self.config.seed if seed is None else seed
+        self.stop()
+        defaults = dataclasses.asdict(Config())
+        self.restart(**{**defaults, **config})
+        self.preset = name
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The challenges the detectors see now (see `nbtrain.diagnosis`)."""
+        return list(self.diagnosis.standing.values())
 
     @property
     def running(self) -> bool:
@@ -698,3 +744,8 @@ def evaluate(
         model.train(was_training)
     n = max(len(y), 1)
     return total_loss.item() / n, correct.item() / n
+
+
+def _diagnose_every(experiment: Experiment, _: Any) -> None:
+    if experiment.step_count % CHECK_EVERY == 0:
+        experiment.diagnosis.check(experiment)

@@ -23,6 +23,7 @@ from ..config import LIVE_KEYS
 from ..engine import Experiment
 from ..optim import OWNS_LR
 from .controls import MoreControls
+from .diagnosis import DiagnosisArea
 from .inspect import InitInspector, InternalsView
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
 
@@ -148,6 +149,9 @@ class Dashboard(w.VBox):
             widget.observe(self._guard(self._send_clip), names="value")
         self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
 
+        # Diagnosis: standing findings with their remedies, and the preset menu
+        self.diagnosis = DiagnosisArea(experiment, self._guard)
+
         # Further knobs and views, in tabs below the switches
         self.more = MoreControls(experiment, self._guard, self.readouts)
         self.internals = InternalsView(experiment)
@@ -194,7 +198,16 @@ class Dashboard(w.VBox):
             layout=w.Layout(grid_template_columns="repeat(2, minmax(320px, 1fr))"),
         )
         super().__init__(
-            [buttons, self.status, self.progress, switches, self.tabs, self.error_area, self.plots]
+            [
+                buttons,
+                self.status,
+                self.progress,
+                switches,
+                self.diagnosis.widget,
+                self.tabs,
+                self.error_area,
+                self.plots,
+            ]
         )
         self.add_class("nbtrain-dashboard")
 
@@ -263,6 +276,7 @@ class Dashboard(w.VBox):
             self.internals.layer.value,
             self.internals.kind.value,
             id(exp.internals),
+            tuple((f.challenge, f.evidence) for f in exp.findings),
         )
 
     def refresh(self) -> None:
@@ -281,6 +295,7 @@ class Dashboard(w.VBox):
             self._update_status()
             self._update_controls()
             self.more.show_in_force()
+            self.diagnosis.update()
             now = time.perf_counter()
             if (
                 self.tabs.selected_index == 3
