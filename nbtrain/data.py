@@ -50,8 +50,14 @@ def _as_numpy(name: str, value: Any) -> np.ndarray:
 
 
 def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
-    """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`)."""
+    """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`).
+
+    A `Split` is taken as it is: forks and checkpoints hand over data already prepared.
+    """
     from sklearn.model_selection import train_test_split
+
+    if isinstance(data, Split):
+        return data
 
     if data is None:
         x, y = load_digits()
