@@ -133,13 +133,24 @@ class Run:
 
     id: int
     name: str
-    config: Config = dataclasses.field(repr=False)
+    base_config: Config = dataclasses.field(repr=False)
     history: History = dataclasses.field(repr=False)
     steps_per_epoch: int = dataclasses.field(repr=False)
     parent: int | None = None
     fork_step: int | None = None
     _experiment: Any = dataclasses.field(default=None, repr=False)  # weakref while current
     _final_config: Config | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def config(self) -> Config:
+        """The configuration the run's first step ran with: the one it was built with and
+        the changes made before that step (``set()`` between Reset and Start)."""
+        early = {
+            e.detail["name"]: e.detail["new"]
+            for e in self.history.changes()
+            if e.step == 1 and "name" in e.detail
+        }
+        return self.base_config.replace(**early) if early else self.base_config
 
     @property
     def experiment(self) -> Experiment | None:
@@ -205,7 +216,8 @@ class Run:
         """What this run did differently from `baseline`: ``{label: (baseline's, this run's)}``.
 
         Start configurations are compared field by field; then each change this run made
-        that the baseline did not make at the same step (a fork's change, say) is listed as
+        after its first step that the baseline did not make at the same step (a fork's
+        change, say) is listed as
         ``"<name> @<step>"``, with what the baseline had in force just before.
         """
         out: dict[str, tuple[Any, Any]] = {}
@@ -216,7 +228,7 @@ class Run:
         key = lambda e: (e.step, e.detail.get("name"), e.detail.get("new"))  # noqa: E731
         theirs_keys = {key(e) for e in baseline.history.changes()}
         for event in self.history.changes():
-            if key(event) not in theirs_keys:
+            if event.step > 1 and key(event) not in theirs_keys:  # step 1: in the config
                 name = event.detail.get("name", event.label)
                 out[f"{name} @{event.step}"] = (event.detail.get("old"), event.detail.get("new"))
         return out
@@ -385,7 +397,7 @@ class RunRegistry:
             run = Run(
                 id=run_id,
                 name=name,
-                config=config or experiment.config,
+                base_config=config or experiment.config,
                 history=experiment.history,
                 steps_per_epoch=experiment.steps_per_epoch,
                 parent=parent.id if parent is not None else None,

@@ -21,6 +21,7 @@ import ipywidgets as w
 
 from ..engine import Experiment
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
+from .runs import RunsPanel
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,11 @@ class Dashboard(w.VBox):
         self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
                                     layout=BUTTON)
         self.reset_button = w.Button(description="Reset", icon="undo", layout=BUTTON)
-        self.start_button.on_click(self._guard(lambda _: experiment.start()))
+        self.start_button.on_click(self._guard(lambda _: self.experiment.start()))
         self.pause_button.on_click(self._guard(self._pause_or_resume))
-        self.step_button.on_click(self._guard(lambda _: experiment.step()))
-        self.stop_button.on_click(self._guard(lambda _: experiment.stop()))
-        self.reset_button.on_click(self._guard(lambda _: experiment.reset()))
+        self.step_button.on_click(self._guard(lambda _: self.experiment.step()))
+        self.stop_button.on_click(self._guard(lambda _: self.experiment.stop()))
+        self.reset_button.on_click(self._guard(lambda _: self.experiment.reset()))
 
         # Live switches: they express intent; the readouts beside them show what is in force.
         self.dropout_toggle = w.ToggleButton(value=cfg.dropout > 0, description="Dropout",
@@ -96,16 +97,21 @@ class Dashboard(w.VBox):
         for widget in (self.dropout_toggle, self.dropout_rate):
             widget.observe(self._guard(self._send_dropout), names="value")
         self.batchnorm_toggle.observe(
-            self._guard(lambda c: experiment.set(batchnorm=c["new"])), names="value"
+            self._guard(lambda c: self.experiment.set(batchnorm=c["new"])), names="value"
         )
         for widget in (self.clip_toggle, self.clip_norm):
             widget.observe(self._guard(self._send_clip), names="value")
-        self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
+        self.lr_slider.observe(
+            self._guard(lambda c: self.experiment.set(lr=c["new"])), names="value"
+        )
 
         # Plots
         self.loss = LossFigure()
         self.accuracy = AccuracyFigure()
         self.gradients = GradientFigures(experiment.probe.layer_names)
+
+        # Runs of the session: table, overlays, fork, export, checkpoints (panel/runs.py)
+        self.runs_panel = RunsPanel(self)
 
         # Failures
         self.error_area = w.HTML(layout=w.Layout(display="none"))
@@ -127,7 +133,8 @@ class Dashboard(w.VBox):
              self.gradients.bar_figure, self.gradients.norm_figure],
             layout=w.Layout(grid_template_columns="repeat(2, minmax(320px, 1fr))"),
         )
-        super().__init__([buttons, self.status, self.progress, switches, self.error_area, plots])
+        super().__init__([buttons, self.status, self.progress, switches, self.error_area, plots,
+                          self.runs_panel])
         self.add_class("nbtrain-dashboard")
 
         experiment.on("run_ended", self._on_run_ended)
@@ -171,12 +178,42 @@ class Dashboard(w.VBox):
     def _on_run_ended(self, experiment: Experiment, outcome: Any) -> None:
         self.refresh()
 
+    def attach(self, experiment: Experiment) -> None:
+        """Drive `experiment` from now on: a fork, or a loaded checkpoint, of the same layers.
+
+        The switches take its settings (sending them changes nothing, as they are in
+        force); the experiment driven before keeps going if it was, and stays in the table.
+        """
+        if experiment.probe.layer_names != self.gradients.layer_names:
+            raise ValueError(
+                f"experiment must have the layers {self.gradients.layer_names} to be shown in "
+                f"this panel, got {experiment.probe.layer_names}; open a new Dashboard for it"
+            )
+        with self._lock:
+            self.experiment.off("run_ended", self._on_run_ended)
+            self.experiment = experiment
+            experiment.on("run_ended", self._on_run_ended)
+            live = experiment.in_force
+            # Rates before toggles, so no intermediate value reaches the engine.
+            if live["dropout"]:
+                self.dropout_rate.value = live["dropout"]
+            self.dropout_toggle.value = live["dropout"] > 0
+            self.batchnorm_toggle.value = live["batchnorm"]
+            if live["clip"] is not None:
+                self.clip_norm.value = live["clip"]
+            self.clip_toggle.value = live["clip"] is not None
+            self.lr_slider.value = live["lr"]
+            self.loss._marked = self.accuracy._marked = -1  # redraw the change markers
+            self.runs_panel.reset_form()
+        self.refresh()
+
     # Display (any thread, serialized by the lock)
 
     def _fingerprint(self) -> tuple:
         exp = self.experiment
         return (id(exp.history), len(exp.history), exp.history.n_evals,
-                len(exp.history.events), exp.state, exp.error, repr(exp.pending))
+                len(exp.history.events), exp.state, exp.error, repr(exp.pending),
+                self.runs_panel.fingerprint())
 
     def refresh(self) -> None:
         """Bring every display widget up to date with the experiment, now."""
@@ -187,6 +224,7 @@ class Dashboard(w.VBox):
             self.loss.update(view)
             self.accuracy.update(view)
             self.gradients.update(view)
+            self.runs_panel.refresh()
             self._update_status()
             self._update_controls()
             if exp.error:
