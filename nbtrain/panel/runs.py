@@ -54,6 +54,14 @@ def _accuracy(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _progress(run: Run | None) -> tuple:
+    """Cheap to read: changes whenever what a row or an overlay shows of `run` may change."""
+    if run is None:
+        return ()
+    exp, h = run.experiment, run.history
+    return (run.id, run.name, len(h), h.n_evals, len(h.events), exp.state if exp else None)
+
+
 class _Row:
     """The widgets of one run's row."""
 
@@ -63,6 +71,7 @@ class _Row:
         self.name = w.Text(value=run.name, continuous_update=False, layout=w.Layout(width="194px"))
         self.cells = {key: w.HTML() for key in ("id", "diff", "best", "final", "step", "state")}
         self.cells["id"].value = str(run.id)
+        self._shown: tuple | None = None
         self.overlay.observe(panel._guard(lambda _: None), names="value")
         self.name.observe(
             panel._guard(lambda c: panel.registry.rename(run.id, c["new"])), names="value"
@@ -84,6 +93,10 @@ class _Row:
 
     def update(self, baseline: Run | None, current: Run | None) -> None:
         run, c = self.run, self.cells
+        key = (_progress(run), _progress(baseline), run is current)
+        if key == self._shown:
+            return
+        self._shown = key
         best = run.best()
         state = run.state
         color = STATE_COLORS.get(state, "#555")
@@ -110,6 +123,7 @@ class RunsPanel(w.VBox):
         self._guard = dashboard._guard
         self.rows: dict[int, _Row] = {}
         self._version: int | None = None
+        self._overlaid: tuple | None = None
 
         # Table
         self.baseline = w.Dropdown(description="baseline", layout=w.Layout(width="260px"))
@@ -221,7 +235,7 @@ class RunsPanel(w.VBox):
         return (
             self.registry.version,
             self.baseline.value,
-            tuple((r.id, len(r.history), r.history.n_evals, r.state) for r in self.ticked()),
+            tuple(_progress(r) for r in self.ticked()),
         )
 
     def refresh(self) -> None:
@@ -254,6 +268,10 @@ class RunsPanel(w.VBox):
 
     def _update_overlays(self, current: Run | None) -> None:
         dash = self.dashboard
+        key = tuple(_progress(r) for r in self.ticked() if r is not current)
+        if key == self._overlaid:
+            return
+        self._overlaid = key
         loss, acc, grad = [], [], []
         for run in self.ticked():
             if run is current:
