@@ -215,3 +215,20 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     atomic_write(path, lambda h: pickle.dump(1, h))
     assert pickle.loads(path.read_bytes()) == 1
+
+
+def test_save_during_a_background_run_is_taken_between_two_steps(tmp_path):
+    never = Experiment(epochs=2, dropout=0.1, seed=5)
+    never.run()
+    exp = Experiment(epochs=2, dropout=0.1, seed=5)
+    exp.on("step_completed", lambda e, _: time.sleep(0.002))
+    exp.start()
+    while exp.step_count < 5:
+        time.sleep(0.001)
+    exp.save(tmp_path / "live.pt")
+    assert exp.wait(60) and exp.state == "finished"
+    loaded = Experiment.load(tmp_path / "live.pt")
+    assert 5 <= loaded.step_count < exp.step_count and loaded.state == "stopped"
+    loaded.run(epochs=2 - loaded.epoch_count)
+    _same_history(loaded.history, never.history)
+    _same_parameters(loaded, never)
