@@ -219,7 +219,12 @@ def restore(state: dict[str, Any], data: Split | None = None) -> Experiment:
 
 
 def fork(exp: Experiment, changes: dict[str, Any]) -> Experiment:
-    """`Experiment.fork`: capture at the next boundary, build the copy, apply `changes`."""
+    """`Experiment.fork`: capture at the next boundary, build the copy, apply `changes`.
+
+    Note: dropout draws from torch's global generator, so two experiments training at the
+    same time (a fork started while its parent runs) share one random stream: each run is
+    still valid, but neither is then reproducible bit for bit. Sequential runs are exact.
+    """
     for name in changes:
         if name not in FORK_KEYS:
             where = "is fixed for a run" if name in FIELDS else "is not a parameter"

@@ -58,6 +58,7 @@ class Dashboard(w.VBox):
         self._seen: tuple | None = None
         self._wake = threading.Event()
         self._closed = False
+        self._syncing = False
 
         cfg = experiment.config
         self.status = w.HTML()
@@ -153,6 +154,8 @@ class Dashboard(w.VBox):
         """Run a control's handler; a failure is shown in the panel and logged, not lost."""
 
         def guarded(arg: Any) -> None:
+            if self._syncing:
+                return  # attach() is showing another experiment's settings: nothing to send
             try:
                 handler(arg)
             except Exception as exc:
@@ -194,18 +197,25 @@ class Dashboard(w.VBox):
             self.experiment = experiment
             experiment.on("run_ended", self._on_run_ended)
             live = experiment.in_force
-            # Rates before toggles, so no intermediate value reaches the engine.
-            if live["dropout"]:
-                self.dropout_rate.value = live["dropout"]
-            self.dropout_toggle.value = live["dropout"] > 0
-            self.batchnorm_toggle.value = live["batchnorm"]
-            if live["clip"] is not None:
-                self.clip_norm.value = live["clip"]
-            self.clip_toggle.value = live["clip"] is not None
-            self.lr_slider.value = live["lr"]
+            self._syncing = True
+            try:
+                self._show_settings(live)
+            finally:
+                self._syncing = False
             self.loss._marked = self.accuracy._marked = -1  # redraw the change markers
             self.runs_panel.reset_form()
         self.refresh()
+
+    def _show_settings(self, live: dict[str, Any]) -> None:
+        """Put the switches to `live` (sending nothing: `_syncing` holds the handlers)."""
+        if live["dropout"]:
+            self.dropout_rate.value = live["dropout"]
+        self.dropout_toggle.value = live["dropout"] > 0
+        self.batchnorm_toggle.value = live["batchnorm"]
+        if live["clip"] is not None:
+            self.clip_norm.value = live["clip"]
+        self.clip_toggle.value = live["clip"] is not None
+        self.lr_slider.value = live["lr"]
 
     # Display (any thread, serialized by the lock)
 

@@ -113,7 +113,8 @@ class Overlay:
                 self.mark.x, self.mark.y, self.mark.labels = [], [], []
                 self.labels = []
                 return
-            width = max(1, *(len(x) for _, _, x, _ in lines))
+            # At least 2 points: bqplot squeezes a 1x1 array to a scalar, which it refuses.
+            width = max(2, *(len(x) for _, _, x, _ in lines))
             xs = np.zeros((len(lines), width), dtype=np.int32)
             ys = np.full((len(lines), width), np.nan, dtype=np.float32)
             for i, (_, _, x, y) in enumerate(lines):

@@ -151,3 +151,27 @@ def test_checkpoint_buttons_save_and_load_into_the_panel(two_runs, tmp_path):
     dash.runs_panel.path.value = str(tmp_path / "missing")
     dash.runs_panel.buttons["Load checkpoint"].click()
     assert "FileNotFoundError" in dash.error_area.value
+
+
+def test_fork_here_on_a_running_experiment_trains_both(registry):
+    exp = Experiment(epochs=500)
+    dash = Dashboard(exp)
+    try:
+        dash.start_button.click()
+        while exp.step_count < 3:
+            pass
+        dash.runs_panel.fork_dropout.value = 0.2
+        dash.runs_panel.fork_button.click()
+        child = dash.experiment
+        assert child is not exp and child.running and exp.running
+        start = child.current_run.fork_step
+        while child.step_count < start + 3:
+            pass
+        dash.stop_button.click()  # stops the fork, which the panel drives now
+        assert child.state == "stopped" and exp.running
+        assert [c.label for c in child.history.changes()] == ["dropout off→0.2"]
+        assert exp.history.changes() == []
+    finally:
+        exp.stop()
+        dash.experiment.stop()
+        dash.close()
