@@ -121,7 +121,7 @@ def capture(exp: Experiment) -> dict[str, Any]:
     scheduler = getattr(exp, "scheduler", None)
     data = exp.data
     if data.name == "digits":
-        data_state: dict[str, Any] = {"kind": "digits"}
+        data_state: dict[str, Any] = {"kind": "digits", "fingerprint": _fingerprint(data)}
     else:
         data_state = {
             "kind": "arrays",
@@ -164,6 +164,18 @@ def capture(exp: Experiment) -> dict[str, Any]:
     }
 
 
+def _fingerprint(data: Split) -> list[float]:
+    """Sizes and sums of the split: re-created digits must be the data the run trained on."""
+    x = data.x_train.double()
+    weights = torch.arange(x.numel(), dtype=torch.float64).remainder(97).reshape(x.shape)
+    return [
+        float(len(data.y_train)),
+        float(len(data.y_val)),
+        (x * weights).sum().item(),
+        data.y_train.double().sum().item(),
+    ]
+
+
 def _config(values: dict[str, Any]) -> Config:
     values = dict(values)
     values["hidden"] = tuple(values["hidden"])
@@ -184,6 +196,11 @@ def restore(state: dict[str, Any], data: Split | None = None) -> Experiment:
         stored = state["data"]
         if stored["kind"] == "digits":
             data = prepare(None, val_fraction=config.val_fraction, seed=config.seed)
+            if _fingerprint(data) != stored["fingerprint"]:
+                raise ValueError(
+                    "the digits data re-created for this checkpoint differs from the data it "
+                    "was trained on (a different scikit-learn?); it cannot resume exactly"
+                )
         else:
             data = Split(
                 stored["x_train"],

@@ -115,6 +115,16 @@ def _plain(value: Any) -> Any:
 _ENDS = ("finished", "stopped", "failed", "diverged")
 
 
+def _change_key(event: Event) -> tuple:
+    """Two runs made the same change when it is the same setting, value and step."""
+    return event.step, event.detail.get("name"), event.detail.get("new")
+
+
+def _cell(text: Any) -> str:
+    """Text for a Markdown table cell: a bare ``|`` would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _format_value(value: Any) -> str:
     if value is None:
         return "off"
@@ -225,10 +235,9 @@ class Run:
             mine, theirs = getattr(self.config, field.name), getattr(baseline.config, field.name)
             if mine != theirs:
                 out[field.name] = (theirs, mine)
-        key = lambda e: (e.step, e.detail.get("name"), e.detail.get("new"))  # noqa: E731
-        theirs_keys = {key(e) for e in baseline.history.changes()}
+        theirs_keys = {_change_key(e) for e in baseline.history.changes()}
         for event in self.history.changes():
-            if event.step > 1 and key(event) not in theirs_keys:  # step 1: in the config
+            if event.step > 1 and _change_key(event) not in theirs_keys:  # step 1: in the config
                 name = event.detail.get("name", event.label)
                 out[f"{name} @{event.step}"] = (event.detail.get("old"), event.detail.get("new"))
         return out
@@ -270,9 +279,8 @@ class Run:
         Note: written by hand (a table of two columns); pandas' ``to_markdown`` would need
         the tabulate package, which nbtrain does not depend on.
         """
-        escape = lambda text: str(text).replace("|", "\\|")  # noqa: E731
         lines = ["| | |", "| --- | --- |"]
-        lines += [f"| {escape(k)} | {escape(v)} |" for k, v in self.summary().items()]
+        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in self.summary().items()]
         return "\n".join(lines)
 
     # Export
@@ -412,7 +420,10 @@ class RunRegistry:
         """Move `experiment` into this registry: drop its empty run elsewhere, begin here."""
         previous = experiment.current_run
         if experiment.runs is not self:
-            experiment.runs.remove(previous.id) if previous.is_empty else previous._detach()
+            if previous.is_empty:
+                experiment.runs.remove(previous.id)
+            else:
+                previous._detach()
             experiment.current_run = None  # type: ignore[assignment]
             experiment.runs = self
         run = self.begin(experiment, **kwargs)

@@ -232,3 +232,19 @@ def test_save_during_a_background_run_is_taken_between_two_steps(tmp_path):
     loaded.run(epochs=2 - loaded.epoch_count)
     _same_history(loaded.history, never.history)
     _same_parameters(loaded, never)
+
+
+def test_digits_that_differ_from_the_saved_ones_are_refused(tmp_path, monkeypatch):
+    exp = Experiment(epochs=1)
+    exp.save(tmp_path / "d.pt")
+    import nbtrain.data
+
+    real = nbtrain.data.load_digits
+
+    def mirrored():  # the same pixels, each image flipped left to right
+        x, y = real()
+        return x.reshape(-1, 8, 8)[:, :, ::-1].reshape(-1, 64).copy(), y
+
+    monkeypatch.setattr(nbtrain.data, "load_digits", mirrored)
+    with pytest.raises(ValueError, match="digits data re-created for this checkpoint differs"):
+        Experiment.load(tmp_path / "d.pt")
