@@ -4,11 +4,12 @@ A *run* is one history from step 0: an `Experiment` begins one when it is built 
 `reset()`, and `Experiment.fork()` begins one that shares its parent's history up to the fork
 step. Each run is a `Run` record with
 
-* ``id``: a number unique in its registry, counting from 1, never reused;
+* ``id``: a number unique in its registry, counting from 1 (the id of a run dropped before
+  it trained is given to the next one);
 * ``name``: free text, editable (``run.name = "with dropout"``, or in the panel's run table);
-* ``config``: the `Config` the run started from; changes made during the run (``set()``,
-  the panel's switches) are its ``change`` events, and ``final_config`` is what is in force
-  now (or was at its end);
+* ``config``: the `Config` its first step ran with (changes made between Reset and Start
+  included); changes made later (``set()``, the panel's switches) are its ``change``
+  events, and ``final_config`` is what is in force now (or was at its end);
 * ``history``: the run's `History` (the experiment's ``history`` while the run is current);
 * ``parent`` and ``fork_step``: for a fork, the run it was forked from and the first step
   it ran on its own;

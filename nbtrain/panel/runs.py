@@ -124,6 +124,7 @@ class RunsPanel(w.VBox):
         self.rows: dict[int, _Row] = {}
         self._version: int | None = None
         self._overlaid: tuple | None = None
+        self._names: list[tuple[int, str]] = []
 
         # Table
         self.baseline = w.Dropdown(description="baseline", layout=w.Layout(width="260px"))
@@ -240,8 +241,10 @@ class RunsPanel(w.VBox):
 
     def refresh(self) -> None:
         registry = self.registry
-        if registry.version != self._version or set(self.rows) != set(registry.ids):
+        names = [(run.id, run.name) for run in registry]  # a rename in code: new options
+        if registry.version != self._version or names != self._names:
             self._rebuild()
+            self._names = names
         baseline = self._baseline_run()
         current = self.dashboard.experiment.current_run
         for row in self.rows.values():

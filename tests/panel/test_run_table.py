@@ -48,8 +48,12 @@ def test_the_table_has_a_row_per_run_with_its_numbers(two_runs, registry):
     table.rows[1].name.value = "no dropout"  # edited in the panel
     assert registry[1].name == "no dropout"
     registry.rename(2, "dropout 0.3")  # renamed in code
+    exp.runs[1].name = "without"  # or simply assigned
     dash.refresh()
-    assert table.rows[2].name.value == "dropout 0.3"
+    assert table.rows[2].name.value == "dropout 0.3" and table.rows[1].name.value == "without"
+    assert ("1: without", 1) in table.baseline.options and table.baseline.value == 1
+    table.rows[1].name.value = "no dropout"
+    dash.refresh()
     assert ("1: no dropout", 1) in table.baseline.options
 
 
