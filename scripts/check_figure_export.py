@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,6 +169,7 @@ def main() -> int:
         for f in work.glob("figs-*"):
             (args.keep / f.name).write_bytes(f.read_bytes())
         (args.keep / "panel.png").write_bytes((work / "panel.png").read_bytes())
+    shutil.rmtree(work, ignore_errors=True)
     print("FAILED: " + "; ".join(failures) if failures else "every figure downloaded")
     return 1 if failures else 0
 
