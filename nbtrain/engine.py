@@ -385,7 +385,8 @@ class Experiment:
         """At a step boundary: honour stop and pause; False means end the run."""
         if self._boundary_calls:
             self._run_boundary_calls()
-        if not (self._pause_requested or self._stop_requested):
+        # A resume() that came during a single step still has "resumed" to record.
+        if not (self._pause_requested or self._stop_requested or self.state == "paused"):
             return True
         with self._cond:
             while True:
