@@ -14,6 +14,7 @@ from .config import Config
 from .engine import Experiment, evaluate
 from .history import Event, History
 from .model import FunnelMLP, funnel_widths
+from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
     from .panel import Dashboard
@@ -26,9 +27,12 @@ __all__ = [
     "FunnelMLP",
     "History",
     "NBVAL_SANITIZE",
+    "Run",
+    "RunRegistry",
     "evaluate",
     "funnel_widths",
     "presets",
+    "session_runs",
 ]
 __version__ = "0.1.0"
 

@@ -66,8 +66,12 @@ def prepare(
     `train_size` keeps only that many training samples, drawn stratified from the training
     split, and `label_noise` replaces that share of the training labels by random classes
     (the validation set stays whole and clean): the ways to make a network memorize.
+    A `Split` is taken as it is: forks and checkpoints hand over data already prepared.
     """
     from sklearn.model_selection import train_test_split
+
+    if isinstance(data, Split):
+        return data
 
     image_shape = None
     if data is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 import traceback
@@ -31,6 +32,7 @@ from .internals import Internals, measure_internals
 from .model import FunnelMLP, initialize
 from .optim import OWNS_LR, WEIGHT_DECAY_STYLE, make_optimizer, make_scheduler
 from .regularization import EarlyStopping, l1_penalty, shift_and_noise
+from .runs import Run, RunRegistry, session_runs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ class Experiment:
         self._pause_requested = False
         self._single_steps = 0
         self._pending: dict[str, Any] = {}
+        self._boundary_calls: list[Callable[[], None]] = []  # see at_boundary()
+        self._loop_thread: threading.Thread | None = None
+        self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
+        self.current_run: Run | None = None
         self._build()
         self.on("step_completed", _diagnose_every)
         self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
@@ -137,6 +143,7 @@ class Experiment:
         self._run_started_at: float | None = None
         self._run_ended_at: float | None = None
         self._run_start_step = 0
+        self.current_run = self.runs.begin(self)
 
     def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         cfg = self.config
@@ -502,6 +509,7 @@ class Experiment:
     # The loop
 
     def _loop(self) -> None:
+        self._loop_thread = threading.current_thread()
         self._run_started_at, self._run_ended_at = time.perf_counter(), None
         self._run_start_step = self.step_count
         self.state = "running"
@@ -565,10 +573,14 @@ class Experiment:
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
+        if self._boundary_calls:
+            self._run_boundary_calls()
         if not (self._pause_requested or self._stop_requested) and self.state == "running":
             return True  # the common case, without the lock
         with self._cond:
             while True:
+                if self._boundary_calls:
+                    self._run_boundary_calls()
                 if self._stop_requested:
                     return False
                 if not self._pause_requested:
@@ -584,6 +596,13 @@ class Experiment:
                     self._single_steps -= 1
                     return True
                 self._cond.wait()
+
+    def _run_boundary_calls(self) -> None:
+        with self._cond:
+            calls, self._boundary_calls = self._boundary_calls, []
+            for call in calls:
+                call()  # never raises: at_boundary() hands its outcome to the caller
+            self._cond.notify_all()
 
     def _batch_bounds(self) -> list[tuple[int, int]]:
         n, size = len(self.data.y_train), self.config.batch_size
@@ -699,6 +718,82 @@ class Experiment:
         self.internals = measure_internals(
             self.model, self.probe_layers, self.model.activations(), probe_x, self.step_count
         )
+
+    # Runs, forks and checkpoints (nbtrain.runs, nbtrain.checkpoint)
+
+    @property
+    def run_id(self) -> int:
+        """The id of the current run in `runs`."""
+        return self.current_run.id
+
+    def at_boundary(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Call `fn()` between two steps and return what it returns.
+
+        While a run is going, the training thread calls it at its next step boundary (a
+        paused run is waiting at one) and this thread waits; otherwise it is called now.
+        From inside an observer, that is from the training thread mid-step, it is refused:
+        the state there is half-way through a step.
+        """
+        with self._cond:
+            if self._loop_active and threading.current_thread() is self._loop_thread:
+                raise RuntimeError(
+                    "fork(), save() and at_boundary() cannot run inside an observer, mid-step; "
+                    "call them from another thread or between runs"
+                )
+            if not self._loop_active:
+                return fn()
+            box: dict[str, Any] = {}
+
+            def call() -> None:
+                try:
+                    box["value"] = fn()
+                except BaseException as exc:  # handed to the caller, never to the run
+                    box["error"] = exc
+
+            self._boundary_calls.append(call)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: bool(box) or not self._loop_active, timeout)
+            if not box:
+                if call in self._boundary_calls:
+                    self._boundary_calls.remove(call)
+                if self._loop_active:
+                    raise TimeoutError(f"no step boundary came within {timeout} s")
+                return fn()  # the run ended first: now is between steps
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def fork(self, **changes: Any) -> Experiment:
+        """A new experiment that continues this one from its current step, with `changes`.
+
+        It copies the model, optimizer, data order, RNG and history at the next step
+        boundary, then applies `changes` (the live settings, ``epochs``, ``eval_every``)
+        as change events at the first step it runs. It joins this experiment's `runs` with
+        a ``parent`` link; it does not start by itself. This experiment is not touched.
+        """
+        from . import checkpoint
+
+        return checkpoint.fork(self, changes)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a checkpoint that `Experiment.load` resumes exactly (see nbtrain.checkpoint).
+
+        The file reads with ``torch.load(path, weights_only=True)``; it is written to a
+        temporary file beside `path` and moved into place, so it is never half-written.
+        """
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Experiment:
+        """The experiment saved at `path`, ready to resume: its step count continues.
+
+        Files that would need arbitrary unpickling are refused with a ValueError.
+        """
+        from . import checkpoint
+
+        return checkpoint.load(path)
 
     # Presentation
 

@@ -27,7 +27,8 @@ COLORS = {
 
 
 class _Card:
-    def __init__(self, detector: Detector, experiment: Experiment, guard: Guard) -> None:
+    def __init__(self, detector: Detector, area: DiagnosisArea, guard: Guard) -> None:
+        experiment = area.experiment
         self.detector = detector
         self.text = w.HTML()
         self.buttons: list[w.Button] = []
@@ -38,8 +39,9 @@ class _Card:
                 layout=w.Layout(width="auto"),
                 button_style="warning" if remedy.restart else "info",
             )
-            # Remedies depend on the run (its lr, its widths): look them up at click time.
-            button.on_click(guard(lambda _, i=index: self._apply(experiment, i)))
+            # Remedies depend on the run (its lr, its widths): look them up at click time,
+            # on the experiment the panel drives then (a fork, after "Fork here").
+            button.on_click(guard(lambda _, i=index: self._apply(area.experiment, i)))
             self.buttons.append(button)
         color = COLORS.get(detector.challenge, "#555")
         self.box = w.VBox(
@@ -60,7 +62,7 @@ class DiagnosisArea:
 
     def __init__(self, experiment: Experiment, guard: Guard) -> None:
         self.experiment = experiment
-        self.cards = {d.challenge: _Card(d, experiment, guard) for d in DETECTORS}
+        self.cards = {d.challenge: _Card(d, self, guard) for d in DETECTORS}
         self.preset = w.Dropdown(
             options=list(PRESETS),
             value=experiment.preset,
