@@ -375,7 +375,9 @@ class NotebookPage:
             time.sleep(0.1)
 
     def screenshot(self, path: Path, panel_only: bool = False) -> Path:
+        """The page (or only the panel, which must fit in the viewport to be whole)."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.mouse.move(0, 0)  # a hovered figure shows bqplot's toolbar over the plot
         if panel_only:
             self.panel.scroll_into_view_if_needed()
             self.panel.screenshot(path=str(path))
