@@ -127,15 +127,6 @@ class JupyterServer:
             body = response.read()
         return json.loads(body) if body else None
 
-    def kernels(self) -> list[dict[str, Any]]:
-        # Note: /api/kernels answered HTTP 500 for a moment while a kernel was starting.
-        for _ in range(20):
-            try:
-                return self.api("kernels")
-            except urllib.error.HTTPError:
-                time.sleep(0.25)
-        return self.api("kernels")
-
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
@@ -283,8 +274,12 @@ class NotebookPage:
         """Wait on the REST API: the toolbar says idle before the kernel even exists."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            sessions = [s for s in self.server.api("sessions") if s["path"].endswith(self.name)]
-            if sessions and sessions[0]["kernel"]["execution_state"] == "idle":
+            try:
+                sessions = self.server.api("sessions")
+            except urllib.error.HTTPError:  # Note: HTTP 500 for a moment as a kernel starts
+                sessions = []
+            mine = [s for s in sessions if s["path"].endswith(self.name)]
+            if mine and mine[0]["kernel"]["execution_state"] == "idle":
                 return
             time.sleep(0.25)
         raise TimeoutError(f"no idle kernel for {self.name} in {timeout:.0f} s")
