@@ -1,0 +1,384 @@
+"""What watching a run costs: nbtrain's engine, headless and with its panel, against a bare loop.
+
+Run from the checkout's root:
+
+    python benchmarks/bench_overhead.py            # about 2 minutes on 2 CPU cores
+    python benchmarks/bench_overhead.py --reps 3   # quicker, noisier
+
+Every variant trains the same model on the same data for the same steps from the same seed,
+evaluating on the full sets once per epoch as the engine does: (a) a bare PyTorch loop, the
+limit; (b) `Experiment.run()` headless; (c) the same with a `Dashboard` attached and updating;
+(d) livelossplot's PyTorch path (`PlotLosses`, updated and drawn once per epoch), if installed.
+Variants run interleaved, in a shuffled order, `--reps` times; each is reported as the median
+of its per-repetition ratio to the bare loop of that repetition, so a neighbour's load on a
+shared machine moves numerator and denominator together.
+
+Without a kernel, ipywidgets 8 opens each widget's comm with the `comm` package's default,
+a `DummyComm` that serializes every update and drops it. Here a subclass records each message
+(its JSON size plus binary buffers) instead, so the counts and sizes are what a kernel would
+send to the browser.
+
+The targets (issue 8) are checked at the end; the script exits 1 if one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import comm
+import numpy as np
+import torch
+from comm import DummyComm
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nbtrain import Dashboard, Experiment, FunnelMLP, History, evaluate  # noqa: E402
+from nbtrain.config import make_config  # noqa: E402
+from nbtrain.data import prepare  # noqa: E402
+from nbtrain.model import initialize  # noqa: E402
+
+# Messages a kernel would send: (time, widget id, bytes).
+SENT: list[tuple[float, str, int]] = []
+
+
+class RecordingComm(DummyComm):
+    """A comm that keeps a record of what it would have sent, instead of nothing."""
+
+    def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):  # noqa: ANN001
+        size = len(json.dumps(data, default=str)) + sum(
+            memoryview(b).nbytes for b in (buffers or ())
+        )
+        SENT.append((time.perf_counter(), self.comm_id, size))
+
+
+comm.create_comm = RecordingComm
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    config: dict[str, Any]
+    data: Any
+    epochs: int
+
+
+def cases(scale: float) -> list[Case]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8192) % 10
+    x = torch.randn(8192, 64, generator=g) + torch.nn.functional.one_hot(y, 64).float()
+    return [
+        Case("digits MLP 128-64-32, batch 64", {"batch_size": 64}, None, max(2, int(40 * scale))),
+        Case(
+            "wide MLP 512-256-128, batch 512",
+            {"batch_size": 512, "hidden": (512, 256, 128)},
+            (x.numpy(), y.numpy()),
+            max(2, int(12 * scale)),
+        ),
+    ]
+
+
+# The variants
+
+
+def bare_loop(case: Case, livelossplot: bool = False) -> tuple[float, int, float]:
+    """The loop a user would write by hand; returns (seconds, steps, final batch loss)."""
+    cfg = make_config({**case.config, "epochs": case.epochs})
+    data = prepare(case.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = FunnelMLP(data.n_features, cfg.hidden, data.n_classes, cfg.activation)
+    initialize(model, cfg.init, cfg.activation)
+    model.set_dropout(cfg.dropout)
+    model.set_batchnorm(cfg.batchnorm)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    order = torch.Generator().manual_seed(cfg.seed)
+    n, size = len(data.y_train), cfg.batch_size
+    plot = None
+    if livelossplot:
+        from livelossplot import PlotLosses
+
+        plot = PlotLosses()
+    steps = 0
+    sink = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sink):  # livelossplot prints its table
+        evaluate(model, data.x_train, data.y_train, loss_fn, cfg.eval_batch_size)
+        evaluate(model, data.x_val, data.y_val, loss_fn, cfg.eval_batch_size)
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=order)
+            for begin in range(0, n, size):
+                index = perm[begin : begin + size]
+                model.train()
+                loss = loss_fn(model(data.x_train[index]), data.y_train[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+            tl, ta = evaluate(model, data.x_train, data.y_train, loss_fn, cfg.eval_batch_size)
+            vl, va = evaluate(model, data.x_val, data.y_val, loss_fn, cfg.eval_batch_size)
+            if plot is not None:
+                plot.update({"loss": tl, "val_loss": vl, "acc": ta, "val_acc": va})
+                plot.send()
+    return time.perf_counter() - start, steps, loss.item()
+
+
+def engine(case: Case, panel: bool) -> tuple[float, int, float, dict[str, Any]]:
+    exp = Experiment(case.data, epochs=case.epochs, **case.config)
+    dash = Dashboard(exp) if panel else None
+    sizes: list[int] = []
+    if dash is not None:
+        refresh = dash.refresh
+
+        def counted_refresh() -> None:
+            before = len(SENT)
+            refresh()
+            sizes.append(sum(size for _, _, size in SENT[before:]))
+
+        dash.refresh = counted_refresh
+    first = len(SENT)
+    start = time.perf_counter()
+    exp.run()
+    elapsed = time.perf_counter() - start
+    messages = SENT[first:]
+    if dash is not None:
+        dash.close()
+    per_widget = Counter(widget for _, widget, _ in messages)
+    info = {
+        "messages_per_s": len(messages) / elapsed,
+        "max_per_widget_per_s": max(per_widget.values(), default=0) / elapsed,
+        "max_update_bytes": max(sizes, default=0),
+        "refreshes": len(sizes),
+    }
+    return elapsed, exp.step_count, exp.history.last("train_loss"), info
+
+
+# Measurements
+
+
+def measure_case(case: Case, reps: int, rng: random.Random, with_lll: bool) -> dict[str, Any]:
+    variants = ["bare", "engine", "panel"] + (["livelossplot"] if with_lll else [])
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    info: dict[str, Any] = {}
+    final_loss: dict[str, float] = {}
+    steps = 0
+    engine(case, panel=True)  # warm-up: imports, first widgets, allocator
+    for _ in range(reps):
+        rng.shuffle(variants)
+        for variant in variants:
+            if variant == "bare":
+                elapsed, steps, loss = bare_loop(case)
+            elif variant == "livelossplot":
+                elapsed, steps, loss = bare_loop(case, livelossplot=True)
+            else:
+                elapsed, steps, loss, extra = engine(case, panel=variant == "panel")
+                if variant == "panel":
+                    for key, value in extra.items():
+                        info[key] = max(info.get(key, 0), value)
+            times[variant].append(elapsed)
+            final_loss[variant] = loss
+    ratios = {
+        v: statistics.median(t / b for t, b in zip(times[v], times["bare"], strict=True))
+        for v in times
+    }
+    rates = {v: steps / statistics.median(times[v]) for v in times}
+    return {
+        "ratios": ratios,
+        "rates": rates,
+        "info": info,
+        "final_loss": final_loss,
+        "steps": steps,
+    }
+
+
+def synthetic_history(exp: Experiment, n: int) -> History:
+    """A history of `n` steps with the experiment's columns, values like a real run's."""
+    h = History()
+    cols = exp._step_columns
+    rng = np.random.default_rng(0)
+    chunk = 50_000
+    for start in range(1, n + 1, chunk):
+        steps = np.arange(start, min(n, start + chunk - 1) + 1)
+        values = (
+            np.abs(rng.normal(1.0, 0.3, size=(len(steps), len(cols)))) / np.sqrt(steps)[:, None]
+        )
+        values[:, 1] = 1e-3
+        h.record_rows("step", steps, steps // 23, cols, values)
+    h.record(
+        "eval", n, n // 23, {"train_loss": 0.1, "train_acc": 0.9, "val_loss": 0.2, "val_acc": 0.8}
+    )
+    return h
+
+
+def measure_refresh(n: int, rounds: int) -> dict[str, float]:
+    """One panel refresh after 60 new steps, over a history of `n` steps."""
+    exp = Experiment()
+    dash = Dashboard(exp, rate=0.1)  # the poller sleeps; refreshes here are by hand
+    exp.history = synthetic_history(exp, n)
+    cols = exp._step_columns
+    dash.refresh()
+    times, sizes = [], []
+    step = n
+    for _ in range(rounds):
+        steps = np.arange(step + 1, step + 61)
+        step += 60
+        exp.history.record_rows("step", steps, steps // 23, cols, np.full((60, len(cols)), 0.5))
+        before = len(SENT)
+        start = time.perf_counter()
+        dash.refresh()
+        times.append(time.perf_counter() - start)
+        sizes.append(sum(size for _, _, size in SENT[before:]))
+    lines = [dash.loss.raw, dash.loss.smoothed, dash.gradients.norms]
+    points = max(np.asarray(mark.y).shape[-1] for mark in lines)
+    dash.close()
+    return {"seconds": statistics.median(times), "max_bytes": max(sizes), "max_points": points}
+
+
+def measure_set_latency(trials: int, speed: float | None) -> int:
+    """The most steps between a set() call and the step that runs under it (1 = the next)."""
+    exp = Experiment(epochs=10_000, speed=speed)
+    exp.start()
+    worst = 0
+    lr = 1e-3
+    try:
+        for _ in range(trials):
+            time.sleep(random.uniform(0.01, 0.05))
+            lr = 2e-3 if lr == 1e-3 else 1e-3
+            before = exp.step_count
+            exp.set(lr=lr)
+            deadline = time.perf_counter() + 5
+            while not exp.history.changes() or exp.history.changes()[-1].detail["new"] != lr:
+                if time.perf_counter() > deadline:
+                    return 10**9
+                time.sleep(0.001)
+            # The step in flight when set() came finishes as it began; the next runs with it.
+            worst = max(worst, exp.history.changes()[-1].step - before - 2)
+    finally:
+        exp.stop()
+    return worst
+
+
+def measure_pace(speed: float, steps: int) -> float:
+    exp = Experiment(epochs=100, speed=speed)
+    exp.start()
+    while exp.step_count < 2:
+        time.sleep(0.001)
+    start, first = time.perf_counter(), exp.step_count
+    while exp.step_count < first + steps:
+        time.sleep(0.001)
+    rate = (exp.step_count - first) / (time.perf_counter() - start)
+    exp.stop()
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each variant")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the epochs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the engine's deterministic setting; also fair on a shared box
+    rng = random.Random(0)
+    try:
+        import livelossplot  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("Agg")
+        with_lll = True
+    except ImportError:
+        with_lll = False
+        print(
+            "livelossplot is not installed: its column is skipped "
+            "(pip install livelossplot to include it)"
+        )
+
+    results = []
+    for case in cases(args.scale):
+        r = measure_case(case, args.reps, rng, with_lll)
+        results.append((case, r))
+
+    print(
+        f"\nOverhead against a bare PyTorch loop (median of {args.reps} interleaved "
+        f"repetitions, torch threads = 1)\n"
+    )
+    header = "| case | steps | variant | time / bare | steps/s |"
+    print(header)
+    print("| --- | ---: | --- | ---: | ---: |")
+    for case, r in results:
+        for variant in r["ratios"]:
+            print(
+                f"| {case.name} | {r['steps']} | {variant} | {r['ratios'][variant]:.3f}x "
+                f"| {r['rates'][variant]:,.0f} |"
+            )
+    same = all(abs(r["final_loss"]["engine"] - r["final_loss"]["bare"]) < 1e-5 for _, r in results)
+    print(f"\nSame final batch loss, bare loop and engine: {'yes' if same else 'NO'}")
+
+    small = measure_refresh(1_000, 30)
+    big = measure_refresh(1_000_000, 30)
+    mem_exp = Experiment()
+    memory = synthetic_history(mem_exp, 1_000_000).nbytes
+    flat64 = 1_000_000 * (len(mem_exp._step_columns) * 8 + 12)
+    set_full = measure_set_latency(20, None)
+    set_slow = measure_set_latency(5, 20.0)
+    pace = measure_pace(50.0, 25)
+
+    panel = results[0][1]["info"]
+    worst_rate = max(r["info"]["max_per_widget_per_s"] for _, r in results)
+    total_rate = max(r["info"]["messages_per_s"] for _, r in results)
+    worst_bytes = max([r["info"]["max_update_bytes"] for _, r in results] + [big["max_bytes"]])
+    print(
+        f"\nPanel: {total_rate:.1f} comm messages/s in all, at most {worst_rate:.1f}/s per "
+        f"widget; largest update {worst_bytes / 1024:.1f} KB; "
+        f"{panel['refreshes']} refreshes in a default run"
+    )
+    print(
+        f"Refresh after 60 new steps: {small['seconds'] * 1e3:.2f} ms over 1,000 steps of "
+        f"history, {big['seconds'] * 1e3:.2f} ms over 1,000,000 "
+        f"({big['seconds'] / small['seconds']:.2f}x); "
+        f"{big['max_points']} points in the longest line"
+    )
+    print(
+        f"History of 1,000,000 steps ({len(mem_exp._step_columns)} per-step columns): "
+        f"{memory / 2**20:.2f} MiB (float64 rows kept whole would be {flat64 / 2**20:.0f} MiB)"
+    )
+    print(
+        f"set(): applied at most {set_full} step(s) later than the first step to start after "
+        f"it, at full speed; {set_slow} at speed=20"
+    )
+    print(f"speed=50: ran at {pace:.1f} steps/s")
+
+    targets = [
+        (
+            "engine with panel <= 1.03x bare (default case)",
+            results[0][1]["ratios"]["panel"] <= 1.03,
+        ),
+        ("<= 10 comm messages a second per widget", worst_rate <= 10),
+        ("each update <= 32 KB", worst_bytes <= 32 * 1024),
+        ("<= 2,000 points per plotted line (1M steps)", big["max_points"] <= 2000),
+        (
+            "refresh cost flat: 1M-step history <= 1.5x 1k-step",
+            big["seconds"] <= 1.5 * small["seconds"],
+        ),
+        ("history of 1M steps <= 4 MiB", memory <= 4 * 2**20),
+        ("set() applied within one step", set_full <= 0 and set_slow <= 0),
+        ("speed=50 paces within 10%", abs(pace - 50) <= 5),
+        ("engine computes what the bare loop computes", same),
+    ]
+    print()
+    for label, ok in targets:
+        print(f"{'PASS' if ok else 'FAIL'}  {label}")
+    return 0 if all(ok for _, ok in targets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
