@@ -34,9 +34,13 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray,
         return x, y
     buckets = max_points // 2
     width = -(-n // buckets)
-    padded = np.concatenate([y, np.full(buckets * width - n, np.nan)]).reshape(buckets, width)
-    low = np.where(np.isnan(padded), np.inf, padded).argmin(axis=1)
-    high = np.where(np.isnan(padded), -np.inf, padded).argmax(axis=1)
+    # Padding repeats the last value, so an extreme found in the padding is the last point.
+    padded = np.concatenate([y, np.full(buckets * width - n, y[-1])]).reshape(buckets, width)
+    if np.isnan(y).any():
+        low = np.where(np.isnan(padded), np.inf, padded).argmin(axis=1)
+        high = np.where(np.isnan(padded), -np.inf, padded).argmax(axis=1)
+    else:  # the usual case (series drop NaN): no masked copies
+        low, high = padded.argmin(axis=1), padded.argmax(axis=1)
     offsets = np.arange(buckets)[:, None] * width
     index = np.sort(np.stack([low, high], axis=1), axis=1) + offsets
     index = np.minimum(index.ravel(), n - 1)
@@ -71,7 +75,7 @@ class View:
         """The last `n` exact values of a per-step metric (empty before the first)."""
         if name not in self.history.names("step"):
             return np.zeros(0)
-        return self.history.exact(name, "step")[1][-n:]
+        return self.history.exact(name, "step", last=n)[1]
 
     def smoothed_loss(self) -> tuple[np.ndarray, np.ndarray]:
         """The EMA of the batch loss: exact over the recent steps; over folded history, each
