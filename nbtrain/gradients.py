@@ -1,10 +1,12 @@
 """Per-layer gradient statistics, measured for every layer at once.
 
-A step does only what cannot wait: three fused ``torch._foreach_norm`` kernels (L2, L1 and
-max of every gradient tensor) written into one row of a device buffer, four tensor calls
-however many layers the model has, and no host transfer. Turning those per-tensor norms into
-per-layer statistics (`combine`) waits until a whole block of rows reaches the history, where
-it costs the same few calls for a block of 256 steps as for one.
+A step does only what cannot wait: the L2, L1 and max of every gradient tensor, written into
+one row of a device buffer with no host transfer. On a GPU that is three fused
+``torch._foreach_norm`` kernels; on the CPU, where ``_foreach_norm`` is a loop of one call
+per tensor, it is numpy's ``reduceat`` over one concatenated copy of the gradients (three to
+five times faster on the models in benchmarks/bench_overhead.py). Turning those per-tensor
+norms into per-layer statistics (`combine`) waits until a whole block of rows reaches the
+history, where it costs the same few calls for a block of 256 steps as for one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,12 +49,23 @@ class GradientProbe:
         self._member = torch.zeros(len(self._layer_params), n)
         self._member[owners, range(n)] = 1.0
         self._numel = torch.tensor([float(p.numel()) for p in self._in_layers])
+        sizes = [p.numel() for p in self._in_layers]
+        self._offsets = np.cumsum([0, *sizes[:-1]]) if sizes else np.zeros(0, dtype=np.int64)
 
     def measure_raw(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """This step's per-tensor norms as one row of `raw_width` floats (into `out`)."""
         grads = [p.grad for p in self._in_layers]
         other = [p.grad for p in self._other_params]
         if all(g is not None for g in grads) and all(g is None for g in other):
+            on_cpu = grads and all(
+                g.device.type == "cpu" and g.dtype == torch.float32 for g in grads
+            )
+            if on_cpu and (
+                out is None or (out.device.type == "cpu" and out.dtype == torch.float32)
+            ):
+                row = torch.empty(self.raw_width) if out is None else out
+                self._measure_on_cpu(grads, row.numpy())
+                return row
             parts = [*torch._foreach_norm(grads, 2), *torch._foreach_norm(grads, 1)]
             parts += torch._foreach_norm(grads, math.inf)
             zeros = [torch.zeros((), device=grads[0].device)] * len(other) if other else []
@@ -78,6 +92,15 @@ class GradientProbe:
             out.copy_(row)
             return out
         return row
+
+    def _measure_on_cpu(self, grads: list[torch.Tensor], row: np.ndarray) -> None:
+        n = len(grads)
+        magnitude = np.abs(np.concatenate([g.numpy().ravel() for g in grads]))
+        np.add.reduceat(magnitude * magnitude, self._offsets, out=row[:n])
+        np.sqrt(row[:n], out=row[:n])
+        np.add.reduceat(magnitude, self._offsets, out=row[n : 2 * n])
+        np.maximum.reduceat(magnitude, self._offsets, out=row[2 * n : 3 * n])
+        row[3 * n :] = 0.0
 
     def total_norm(self, raw: torch.Tensor) -> torch.Tensor:
         """The whole model's gradient L2 norm from one raw row (for clipping)."""
