@@ -104,6 +104,7 @@ class Experiment:
         self.probe = GradientProbe(self.model, self.model.named_layers())
         self._step_columns = ["train_loss", "lr", *self.probe.columns]
         self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
+        self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._row_meta: list[tuple[int, int, float]] = []  # (step, epoch, lr) per buffered row
         self._flushed_at = time.perf_counter()
         self._next_step_at = 0.0  # the pace's clock (see `speed`)
@@ -479,12 +480,12 @@ class Experiment:
         loss.backward()
 
         # Measure before clipping (the plots show what the network produced), on the device.
-        if self._rows is None or self._rows.device != loss.device:
-            self._flush()
+        if self._rows is None:
             self._rows = torch.empty(ROW_BUFFER, 1 + self.probe.raw_width, device=loss.device)
-        row = self._rows[len(self._row_meta)]
-        row[0] = loss.detach()
-        raw = self.probe.measure_raw(out=row[1:])
+            self._row_views = [(row[0], row[1:]) for row in self._rows]  # no indexing per step
+        loss_slot, raw_slot = self._row_views[len(self._row_meta)]
+        loss_slot.copy_(loss.detach())
+        raw = self.probe.measure_raw(out=raw_slot)
         if self.config.clip is not None:
             total = self.probe.total_norm(raw)
             nn.utils.clip_grads_with_norm_(self.probe.parameters, self.config.clip, total)
