@@ -312,24 +312,25 @@ class _Table:
         _, folded = self.series(name)
         return float(folded[-1]) if len(folded) else None
 
-    def rows(self) -> Iterable[tuple[int, int, dict[str, float]]]:
-        """The exact rows, oldest first."""
+    def rows(self) -> Iterable[tuple[int, int, dict[str, np.floating]]]:
+        """The exact rows, oldest first, as numpy scalars: str() of a float32 value is its
+        shortest form (0.123), where float() would widen it to 0.12300000339746475."""
         for i in range(self.n_exact):
             yield (
                 int(self._steps[i]),
                 int(self._epochs[i]),
-                {name: float(c.values[i]) for name, c in self._cols.items()},
+                {name: c.values[i] for name, c in self._cols.items()},
             )
 
-    def bucket_rows(self) -> Iterable[tuple[int, int, dict[str, float]]]:
+    def bucket_rows(self) -> Iterable[tuple[int, int, dict[str, np.floating]]]:
         """The folded buckets, oldest first: (last step, epoch, {"name.min": ..., ...})."""
         for i in range(self.n_buckets):
             row = {}
             for name, c in self._cols.items():
                 if c.b_count[i]:
-                    row[f"{name}.min"] = float(c.b_min[i])
-                    row[f"{name}.mean"] = float(c.b_mean[i])
-                    row[f"{name}.max"] = float(c.b_max[i])
+                    row[f"{name}.min"] = c.b_min[i]
+                    row[f"{name}.mean"] = c.b_mean[i]
+                    row[f"{name}.max"] = c.b_max[i]
             yield int(self.b_last[i]), int(self.b_epoch[i]), row
 
 
@@ -489,6 +490,6 @@ class History:
                 for step, epoch, metrics in rows:
                     for name, value in metrics.items():
                         if not np.isnan(value):
-                            writer.writerow([table_name, step, epoch, name, repr(value)])
+                            writer.writerow([table_name, step, epoch, name, str(value)])
             for event in events:
                 writer.writerow(["event", event.step, event.epoch, event.kind, event.label])

@@ -121,3 +121,18 @@ def test_folding_keeps_columns_that_start_late_and_gaps():
 def test_bad_tier_sizes_are_refused():
     with pytest.raises(ValueError, match="max_buckets must be an integer of at least 2, got 1"):
         History(max_buckets=1)
+
+
+def test_csv_writes_float32_values_in_their_shortest_form_and_folded_buckets(tmp_path):
+    h = History(recent=4, max_buckets=4)
+    for step in range(1, 11):
+        h.record("step", step, 0, {"train_loss": 0.1 * step, "lr": 1e-3})
+    path = tmp_path / "history.csv"
+    h.to_csv(path)
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert ["step", "10", "0", "train_loss", "1.0"] in rows
+    assert ["step", "10", "0", "lr", "0.001"] in rows
+    buckets = [row for row in rows if row[0] == "step_bucket"]
+    assert ["step_bucket", "2", "0", "train_loss.max", "0.2"] in buckets
+    assert int(buckets[-1][1]) + 1 == int(next(r for r in rows if r[0] == "step")[1])
