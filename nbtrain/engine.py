@@ -9,12 +9,15 @@ epochs completed, both starting at 0; history rows for step N are recorded after
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import signal
 import threading
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -28,7 +31,10 @@ from .model import FunnelMLP, initialize
 
 log = logging.getLogger(__name__)
 
-State = Literal["idle", "running", "paused", "finished", "stopped", "failed"]
+State = Literal["idle", "running", "paused", "diverged", "finished", "stopped", "failed"]
+
+# States in which a run is going but waiting at a step boundary for resume(), step() or stop().
+WAITING: tuple[str, ...] = ("paused", "diverged")
 
 # What observers can attach to with `Experiment.on()`. Callbacks run in the training thread,
 # between steps, and receive the experiment and a payload (the Event, for "change_applied").
@@ -67,13 +73,16 @@ class Experiment:
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self.data: Split = prepare(data, val_fraction=self.config.val_fraction, seed=self.config.seed)
+        self._check_batchnorm_fits(self.config.batchnorm)
         self._cond = threading.Condition(threading.RLock())
         self._observers: dict[str, list[Callback]] = defaultdict(list)
         self._worker: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None  # the worker, or run()'s caller
         self._loop_active = False
         self._stop_requested = False
         self._pause_requested = False
         self._single_steps = 0
+        self._divergences = 0  # how many steps were refused as non-finite, ever
         self._pending: dict[str, Any] = {}
         self._build()
 
@@ -90,6 +99,10 @@ class Experiment:
         self.loss_fn = nn.CrossEntropyLoss()
         self.optimizer = self._make_optimizer()
         self.probe = GradientProbe(self.model, self.model.named_layers())
+        # Batch norm's running statistics, saved before each step while batch norm is on, so
+        # a step refused as non-finite leaves no trace in them either.
+        self._buffers = [b for b in self.model.buffers()]
+        self._saved_buffers = [b.clone() for b in self._buffers]
         self._step_columns = ["train_loss", "lr", *self.probe.columns]
         self._rng_state = torch.get_rng_state()  # dropout's draws continue across start/stop
         self._order = torch.Generator().manual_seed(cfg.seed)  # shuffling only
@@ -149,7 +162,9 @@ class Experiment:
         becomes a "change" event whose step is the first step that runs with it. When no
         run is going, that boundary is now.
         """
-        checked = check_changes(changes)
+        checked = check_changes(changes, self.config)
+        if checked.get("batchnorm"):
+            self._check_batchnorm_fits(True)
         with self._cond:
             self._pending.update(checked)
             if not self._loop_active:
@@ -174,6 +189,14 @@ class Experiment:
             event = self._event("change", label, {"name": name, "old": old, "new": value})
             self._emit("change_applied", event)
 
+    def _check_batchnorm_fits(self, batchnorm: bool) -> None:
+        n_train = len(self.data.y_train)
+        if batchnorm and n_train < 2:
+            raise ValueError(
+                f"batchnorm=True needs at least 2 training samples (batch norm cannot "
+                f"normalize a single sample), got a training split of {n_train}"
+            )
+
     def _event(self, kind: str, label: str, detail: dict[str, Any] | None = None) -> Event:
         """Record an event at the boundary before the next step."""
         event = Event(self.step_count + 1, self.epoch_count + 1, kind, label, detail or {})
@@ -193,17 +216,34 @@ class Experiment:
             if self._loop_active:
                 self.resume()
                 return
+        self._join_previous()
+        with self._cond:
+            if self._loop_active:  # another thread started a run meanwhile
+                self.resume()
+                return
             self._begin(epochs)
-            self._worker = threading.Thread(
-                target=self._loop, name="nbtrain-training", daemon=True
-            )
-            self._worker.start()
+            self._launch()
+
+    def _launch(self) -> None:
+        self._worker = threading.Thread(target=self._loop, name="nbtrain-training", daemon=True)
+        self._worker.start()
+
+    def _join_previous(self) -> None:
+        """Let a worker that has ended its run finish its last observers before a new one.
+
+        Called without the lock held: those observers (the panel's refresh) may need it.
+        """
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
 
     def run(self, epochs: int | None = None) -> History:
         """Train `epochs` more epochs in this thread and return the history when done.
 
         For scripts and notebooks checked by nbval. Ctrl-C (KeyboardInterrupt) stops the run
-        cleanly, keeping the history and the model, and is then raised again.
+        cleanly, keeping the history and the model, and is then raised again: on the main
+        thread the first Ctrl-C asks for a stop at the next step boundary (a second one
+        interrupts at once); elsewhere, or raised by user code, it ends the run where it lands.
         """
         epochs = self._check_epochs(epochs)
         with self._cond:
@@ -211,9 +251,45 @@ class Experiment:
                 raise RuntimeError(
                     "a run is already going in the background; use wait() or stop() first"
                 )
+        self._join_previous()
+        with self._cond:
+            if self._loop_active:
+                raise RuntimeError(
+                    "a run is already going in the background; use wait() or stop() first"
+                )
             self._begin(epochs)
-        self._loop()
+            self._worker = None
+        with self._ctrl_c_stops() as interrupted:
+            self._loop()
+        if interrupted:
+            raise KeyboardInterrupt
         return self.history
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops(self) -> Iterator[list[bool]]:
+        """While run() blocks the main thread, turn the first SIGINT into a clean stop.
+
+        A KeyboardInterrupt raised wherever the interpreter happens to be can land inside
+        the bookkeeping that ends a run; a stop request lands at a step boundary instead.
+        """
+        interrupted: list[bool] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield interrupted
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def stop_at_boundary(signum: int, frame: Any) -> None:
+            interrupted.append(True)
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+            with self._cond:
+                self._stop_requested = True
+
+        signal.signal(signal.SIGINT, stop_at_boundary)
+        try:
+            yield interrupted
+        finally:
+            if signal.getsignal(signal.SIGINT) is stop_at_boundary:
+                signal.signal(signal.SIGINT, previous)
 
     def _check_epochs(self, epochs: int | None) -> int:
         if epochs is None:
@@ -238,21 +314,31 @@ class Experiment:
             self._cond.notify_all()
             if wait and threading.current_thread() is not self._worker:
                 self._cond.wait_for(
-                    lambda: self.state == "paused" or not self._loop_active, timeout
+                    lambda: self.state in WAITING or not self._loop_active, timeout
                 )
 
     def resume(self) -> None:
+        """Continue a paused or diverged run (with whatever set() changed meanwhile)."""
         with self._cond:
             self._pause_requested = False
             self._single_steps = 0
             self._cond.notify_all()
 
     def step(self, timeout: float = 30.0) -> None:
-        """Run exactly one step and stay paused (starting a paused run if none is going)."""
+        """Run exactly one step and stay paused (starting a paused run if none is going).
+
+        Returns once the step is done, refused as diverged, or the run has ended.
+        """
         with self._cond:
             if self._loop_active and not self._pause_requested:
                 raise RuntimeError("step() works on a paused run; pause() first")
-            target = self.step_count + 1
+            launch = not self._loop_active
+        if launch:
+            self._join_previous()
+        with self._cond:
+            if self._loop_active and not self._pause_requested:
+                raise RuntimeError("step() works on a paused run; pause() first")
+            target, divergences = self.step_count + 1, self._divergences
             if self._loop_active:
                 self._single_steps += 1
                 self._cond.notify_all()
@@ -260,11 +346,15 @@ class Experiment:
                 self._pause_requested = True
                 self._single_steps = 1
                 self._begin(self.config.epochs)
-                self._worker = threading.Thread(
-                    target=self._loop, name="nbtrain-training", daemon=True
-                )
-                self._worker.start()
-            self._cond.wait_for(lambda: self.step_count >= target or not self._loop_active, timeout)
+                self._launch()
+            self._cond.wait_for(
+                lambda: (
+                    self.step_count >= target
+                    or self._divergences > divergences
+                    or not self._loop_active
+                ),
+                timeout,
+            )
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the run at the next step boundary and wait for the worker to finish."""
@@ -288,7 +378,11 @@ class Experiment:
 
     def reset(self) -> None:
         """Stop any run and start over: same seed, current settings, empty history."""
+        if self._loop_active and threading.current_thread() is self._loop_thread:
+            raise RuntimeError("reset() cannot run inside the training thread (an observer)")
         self.stop()
+        if not self._join(30.0):
+            raise RuntimeError("the training thread did not stop within 30 s; not resetting")
         with self._cond:
             self._pause_requested = False
             self._single_steps = 0
@@ -327,6 +421,7 @@ class Experiment:
     # The loop
 
     def _loop(self) -> None:
+        self._loop_thread = threading.current_thread()
         self._run_started_at, self._run_ended_at = time.perf_counter(), None
         self._run_start_step = self.step_count
         self.state = "running"
@@ -341,12 +436,16 @@ class Experiment:
             while self.epoch_count < self._target_epoch:
                 if not self._take_turn():
                     break
-                self._train_step()
+                applied = self._train_step()
                 if self._pos >= len(self._bounds):
                     self.epoch_count += 1
                     self._evaluate()
                     self._emit("epoch_completed")
-                elif self.config.eval_every and self.step_count % self.config.eval_every == 0:
+                elif (
+                    applied
+                    and self.config.eval_every
+                    and self.step_count % self.config.eval_every == 0
+                ):
                     self._evaluate()
             else:
                 outcome = "finished"
@@ -358,20 +457,31 @@ class Experiment:
             self.error = traceback.format_exc()
             log.error("run failed at step %d:\n%s", self.step_count, self.error)
         finally:
-            self._rng_state = torch.get_rng_state()
-            self._run_ended_at = time.perf_counter()
-            with self._cond:
-                self._loop_active = False
-                self._pause_requested = False
-                self._single_steps = 0
-                self.state = outcome
-                self._apply_pending()  # a change that arrived as the run ended: now is a boundary
-                self._cond.notify_all()
-            label = outcome if not self.error else f"failed: {self.exception!r:.60}"
-            self._event(outcome, label)
-            self._emit("run_ended", outcome)
+            self._end_run(outcome)
         if interrupted:
             raise KeyboardInterrupt
+
+    def _end_run(self, outcome: State) -> None:
+        """Record the outcome, then tell observers; the event lands before any new run's."""
+        self._rng_state = torch.get_rng_state()
+        self._run_ended_at = time.perf_counter()
+        with self._cond:
+            if outcome != "failed":
+                self.error = None  # a divergence message is moot once the run has ended
+            self._pause_requested = False
+            self._single_steps = 0
+            self.state = outcome
+            label = outcome if outcome != "failed" else f"failed: {self.exception!r:.60}"
+            self._event(outcome, label)
+            self._apply_pending()  # a change that arrived as the run ended: now is a boundary
+            self._loop_active = False
+            self._cond.notify_all()
+        try:
+            self._emit("run_ended", outcome)
+        except Exception as exc:  # the run is over, but its last observer failed: show it
+            self.state, self.exception = "failed", exc
+            self.error = traceback.format_exc()
+            log.error("a run_ended observer failed:\n%s", self.error)
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
@@ -382,16 +492,18 @@ class Experiment:
                 if self._stop_requested:
                     return False
                 if not self._pause_requested:
-                    if self.state == "paused":
-                        self.state = "running"
+                    if self.state in WAITING:
+                        self.state, self.error = "running", None
                         self._event("resumed", "resume")
                     return True
-                if self.state != "paused":
+                if self.state == "running":
                     self.state = "paused"
                     self._event("paused", "pause")
                     self._cond.notify_all()
                 if self._single_steps > 0:
                     self._single_steps -= 1
+                    if self.state == "diverged":  # one step to try the new settings
+                        self.state, self.error = "paused", None
                     return True
                 self._cond.wait()
 
@@ -413,11 +525,14 @@ class Experiment:
         index = self._perm[start:end]
         return self.data.x_train[index], self.data.y_train[index]
 
-    def _train_step(self) -> None:
+    def _train_step(self) -> bool:
+        """One optimizer step; False if it was refused as non-finite (the run then diverged)."""
         # Changes queued by set() land here, between steps, all at once.
         if self._pending:
             self._apply_pending()
         x, y = self._next_batch()
+        if self.config.batchnorm:
+            torch._foreach_copy_(self._saved_buffers, self._buffers)
 
         # Forward and backward.
         self.model.train()
@@ -425,21 +540,64 @@ class Experiment:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
-        # Measure before clipping: the plots show what the network produced.
+        # Measure before clipping: the plots show what the network produced. One host
+        # transfer carries the loss and every gradient statistic, and decides the step: a
+        # NaN or inf anywhere shows in the loss or the total norm.
         stats = self.probe.measure()
+        values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
+        if not (math.isfinite(values[0]) and math.isfinite(values[1])) and self._diverge(values):
+            return False
         if self.config.clip is not None:
             nn.utils.clip_grads_with_norm_(self.probe.parameters, self.config.clip, stats[0])
         self.optimizer.step()
         self.step_count += 1
 
-        # Record: one host transfer for the loss and every gradient statistic.
-        values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
+        # Record.
         values.insert(1, self.optimizer.param_groups[0]["lr"])
         self.history.record_row("step", self.step_count, self.epoch_count, self._step_columns, values)
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
                 self._cond.notify_all()  # step() is waiting for this step
+        return True
+
+    def _diverge(self, values: list[float]) -> bool:
+        """Refuse a step whose loss or gradients are not finite, and pause the run.
+
+        The optimizer does not step, so the weights (and, with batch norm, the running
+        statistics) stay those of the last finite step; the batch is skipped. False if
+        nothing had a gradient at all (a NaN total norm then means "no gradient").
+        """
+        loss, total = values[0], values[1]
+        layer = self.probe.first_nonfinite()
+        if math.isfinite(loss) and layer is None and math.isnan(total):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.batchnorm:
+            torch._foreach_copy_(self._buffers, self._saved_buffers)
+        if layer is not None:
+            where = f"first non-finite gradient in {layer}"
+        elif not math.isfinite(total):
+            where = "gradient norm beyond float32's range"
+        else:
+            where = "gradients finite"
+        message = (
+            f"diverged at step {self.step_count + 1}: loss {loss:g}, {where}; the step was "
+            f"not applied. Lower the learning rate or switch clipping on, then resume."
+        )
+        with self._cond:
+            self._divergences += 1
+            self._pause_requested = True
+            self._single_steps = 0
+            self.state, self.error, self.exception = "diverged", message, None
+            self._event(
+                "diverged",
+                f"diverged at step {self.step_count + 1}",
+                {"loss": loss, "grad_norm": total, "layer": layer},
+            )
+            self._cond.notify_all()
+        log.warning("%s", message)
+        return True
 
     def _evaluate(self) -> None:
         metrics = {}

@@ -73,3 +73,20 @@ class GradientProbe:
         if other:
             total_sq = total_sq + torch.stack(torch._foreach_norm(other, 2)).float().pow(2).sum()
         return torch.cat([total_sq.sqrt().reshape(1), norms, means, maxes])
+
+    def first_nonfinite(self) -> str | None:
+        """The first layer, in network order, holding a NaN or infinite gradient, or None.
+
+        Parameters outside the named layers (batch norm's scale and shift) are checked last
+        and reported as "other parameters". Reads every gradient: meant for the rare step
+        whose total norm came out non-finite, not for every step.
+        """
+        groups = [
+            *zip(self.layer_names, self._layer_params),
+            ("other parameters", self._other_params),
+        ]
+        for name, params in groups:
+            for p in params:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    return name
+        return None

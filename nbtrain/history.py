@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._io import atomic_write
+
 TableName = Literal["step", "eval"]
 
 
@@ -45,7 +47,17 @@ class Event:
 
 
 # Only "change" events are drawn as markers; the others tell the story of the run.
-EVENT_KINDS = ("change", "started", "paused", "resumed", "stopped", "finished", "failed", "reset")
+EVENT_KINDS = (
+    "change",
+    "started",
+    "paused",
+    "resumed",
+    "diverged",
+    "stopped",
+    "finished",
+    "failed",
+    "reset",
+)
 
 
 class _Table:
@@ -197,11 +209,12 @@ class History:
         Columns: ``table, step, epoch, name, value``; ``table`` is ``step``, ``eval`` or
         ``event`` (for events ``name`` is the kind and ``value`` the label). Long form keeps
         one schema whatever the model's layers are, and pivots straight into a DataFrame.
+        The file is replaced atomically: a failure mid-write leaves the previous file intact.
         """
         with self._lock:
             tables = {name: list(table.rows()) for name, table in self._tables.items()}
             events = list(self._events)
-        with open(path, "w", newline="") as handle:
+        with atomic_write(path, newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["table", "step", "epoch", "name", "value"])
             for table_name, rows in tables.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import threading
 import time
 import weakref
@@ -19,12 +20,18 @@ from typing import Any
 
 import ipywidgets as w
 
-from ..engine import Experiment
+from ..engine import WAITING, Experiment
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
 
 log = logging.getLogger(__name__)
 
 BUTTON = w.Layout(width="92px")
+
+
+def _log_bounds(value: float, low: int, high: int) -> tuple[float, float]:
+    """A log slider's exponent range, widened to hold `value` so it is never clamped."""
+    exponent = math.log10(value)
+    return min(low, math.floor(exponent)), max(high, math.ceil(exponent))
 
 
 def _readout(value: Any, pending: Any = None, has_pending: bool = False) -> str:
@@ -79,17 +86,24 @@ class Dashboard(w.VBox):
         # Live switches: they express intent; the readouts beside them show what is in force.
         self.dropout_toggle = w.ToggleButton(value=cfg.dropout > 0, description="Dropout",
                                              icon="random", layout=w.Layout(width="120px"))
-        self.dropout_rate = w.FloatSlider(value=cfg.dropout or 0.3, min=0.05, max=0.9,
+        # Bounds hold every value the config allows, so no control shows a clamped value.
+        self.dropout_rate = w.FloatSlider(value=cfg.dropout or 0.3,
+                                          min=min(0.05, cfg.dropout or 0.05),
+                                          max=max(0.9, cfg.dropout),
                                           step=0.05, description="rate",
                                           continuous_update=False, readout_format=".2f")
         self.batchnorm_toggle = w.ToggleButton(value=cfg.batchnorm, description="Batch norm",
                                                icon="align-center", layout=w.Layout(width="120px"))
         self.clip_toggle = w.ToggleButton(value=cfg.clip is not None, description="Clip grads",
                                           icon="cut", layout=w.Layout(width="120px"))
-        self.clip_norm = w.FloatLogSlider(value=cfg.clip or 1.0, base=10, min=-2, max=2,
+        clip_low, clip_high = _log_bounds(cfg.clip or 1.0, -2, 2)
+        self.clip_norm = w.FloatLogSlider(value=cfg.clip or 1.0, base=10, min=clip_low,
+                                          max=clip_high,
                                           step=0.1, description="max norm",
                                           continuous_update=False, readout_format=".2g")
-        self.lr_slider = w.FloatLogSlider(value=cfg.lr, base=10, min=-5, max=0, step=0.25,
+        lr_low, lr_high = _log_bounds(cfg.lr, -5, 0)
+        self.lr_slider = w.FloatLogSlider(value=cfg.lr, base=10, min=lr_low, max=lr_high,
+                                          step=0.25,
                                           description="lr", continuous_update=False,
                                           readout_format=".1e")
         self.readouts = {name: w.HTML() for name in ("dropout", "batchnorm", "clip", "lr")}
@@ -156,7 +170,7 @@ class Dashboard(w.VBox):
         return guarded
 
     def _pause_or_resume(self, _: Any) -> None:
-        if self.experiment.state == "paused":
+        if self.experiment.state in WAITING:
             self.experiment.resume()
         else:
             self.experiment.pause()
@@ -190,7 +204,7 @@ class Dashboard(w.VBox):
             self._update_status()
             self._update_controls()
             if exp.error:
-                self._show_error(exp.error)
+                self._show_error(exp.error, diverged=exp.state == "diverged")
             elif self.error_area.layout.display != "none":
                 self.error_area.layout.display = "none"
 
@@ -209,11 +223,12 @@ class Dashboard(w.VBox):
             parts.append(f"val acc {val:.3f}")
         self.status.value = " · ".join(parts)
         self.progress.value = exp.progress
-        self.progress.bar_style = {"failed": "danger", "finished": "success"}.get(exp.state, "")
+        styles = {"failed": "danger", "diverged": "warning", "finished": "success"}
+        self.progress.bar_style = styles.get(exp.state, "")
 
     def _update_controls(self) -> None:
         exp = self.experiment
-        running, paused = exp.running, exp.state == "paused"
+        running, paused = exp.running, exp.state in WAITING
         self.start_button.disabled = running and not paused
         self.pause_button.disabled = not running
         self.pause_button.description = "Resume" if paused else "Pause"
@@ -224,12 +239,18 @@ class Dashboard(w.VBox):
         for name, value in exp.in_force.items():
             self.readouts[name].value = _readout(value, pending.get(name), name in pending)
 
-    def _show_error(self, text: str) -> None:
+    def _show_error(self, text: str, diverged: bool = False) -> None:
         with self._lock:
             body = html.escape(text)
+            title = (
+                "The run diverged and is paused.</b> Lower the learning rate or switch clipping "
+                "on, then Resume; or Reset."
+                if diverged
+                else "The run failed.</b> The model and history are kept; Reset or Start again."
+            )
             self.error_area.value = (
                 "<div style='border-left:4px solid #d62728;padding:4px 8px;background:#fff5f5'>"
-                f"<b>The run failed.</b> The model and history are kept; Reset or Start again."
+                f"<b>{title}"
                 f"<pre style='white-space:pre-wrap;font-size:11px'>{body}</pre></div>"
             )
             self.error_area.layout.display = "block"

@@ -40,10 +40,18 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray,
 
 
 def smooth(y: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
-    """Exponential moving average, started at the first value (no bias towards zero)."""
-    if len(y) == 0:
-        return y
-    out, _ = lfilter([1 - weight], [1, -weight], y, zi=[weight * y[0]])
+    """Exponential moving average, started at the first value (no bias towards zero).
+
+    A NaN or inf point is a gap: it reads NaN and the average carries over it unchanged,
+    since one inf fed to the filter would turn every later point into inf or NaN.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y)
+    out = np.full(len(y), np.nan)
+    if not finite.any():
+        return out
+    kept = y[finite]
+    out[finite], _ = lfilter([1 - weight], [1, -weight], kept, zi=[weight * kept[0]])
     return out
 
 
