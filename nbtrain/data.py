@@ -54,7 +54,8 @@ def _check_inputs(x: np.ndarray) -> np.ndarray:
     """Inputs as float32, refused if not numbers or not finite (say where, so it can be fixed)."""
     if x.dtype.kind not in "biuf":
         raise ValueError(f"data X must hold real numbers, got dtype {x.dtype}")
-    x32 = np.asarray(x, dtype=np.float32)  # float64 and integers alike; overflow becomes inf
+    with np.errstate(over="ignore"):  # float64 and integers alike; overflow becomes inf
+        x32 = np.asarray(x, dtype=np.float32)
     bad = ~np.isfinite(x32)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])

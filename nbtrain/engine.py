@@ -235,7 +235,9 @@ class Experiment:
         """
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
-            worker.join()
+            worker.join(30.0)
+            if worker.is_alive():
+                raise RuntimeError("the last run's run_ended observers are still busy after 30 s")
 
     def run(self, epochs: int | None = None) -> History:
         """Train `epochs` more epochs in this thread and return the history when done.
@@ -380,13 +382,17 @@ class Experiment:
         """Stop any run and start over: same seed, current settings, empty history."""
         if self._loop_active and threading.current_thread() is self._loop_thread:
             raise RuntimeError("reset() cannot run inside the training thread (an observer)")
-        self.stop()
-        if not self._join(30.0):
-            raise RuntimeError("the training thread did not stop within 30 s; not resetting")
-        with self._cond:
-            self._pause_requested = False
-            self._single_steps = 0
-            self._build()
+        while True:
+            self.stop()
+            if not self._join(30.0):
+                raise RuntimeError("the training thread did not stop within 30 s; not resetting")
+            with self._cond:
+                if self._loop_active:  # another thread started a run meanwhile: stop it too
+                    continue
+                self._pause_requested = False
+                self._single_steps = 0
+                self._build()
+                return
 
     @property
     def running(self) -> bool:
@@ -437,6 +443,9 @@ class Experiment:
                 if not self._take_turn():
                     break
                 applied = self._train_step()
+                if not applied and self._worker is None:
+                    outcome = "diverged"  # run() blocks its caller: nobody could resume
+                    break
                 if self._pos >= len(self._bounds):
                     self.epoch_count += 1
                     self._evaluate()
@@ -466,13 +475,14 @@ class Experiment:
         self._rng_state = torch.get_rng_state()
         self._run_ended_at = time.perf_counter()
         with self._cond:
-            if outcome != "failed":
-                self.error = None  # a divergence message is moot once the run has ended
+            if outcome not in ("failed", "diverged"):
+                self.error = None  # a divergence message is moot once the run is stopped
             self._pause_requested = False
             self._single_steps = 0
             self.state = outcome
-            label = outcome if outcome != "failed" else f"failed: {self.exception!r:.60}"
-            self._event(outcome, label)
+            if outcome != "diverged":  # that event is recorded already, where it happened
+                label = outcome if outcome != "failed" else f"failed: {self.exception!r:.60}"
+                self._event(outcome, label)
             self._apply_pending()  # a change that arrived as the run ended: now is a boundary
             self._loop_active = False
             self._cond.notify_all()
@@ -582,8 +592,8 @@ class Experiment:
         else:
             where = "gradients finite"
         message = (
-            f"diverged at step {self.step_count + 1}: loss {loss:g}, {where}; the step was "
-            f"not applied. Lower the learning rate or switch clipping on, then resume."
+            f"diverged at step {self.step_count + 1}: loss {loss:g}, {where}; the step was not "
+            "applied. Lower the learning rate or switch clipping on, then resume or run again."
         )
         with self._cond:
             self._divergences += 1

@@ -46,7 +46,7 @@ class Event:
     time: float = dataclasses.field(default_factory=time.time)
 
 
-# Only "change" events are drawn as markers; the others tell the story of the run.
+# "change" and "diverged" events are drawn as markers; the others tell the story of the run.
 EVENT_KINDS = (
     "change",
     "started",

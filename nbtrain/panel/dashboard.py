@@ -53,10 +53,11 @@ class Dashboard(w.VBox):
     def __init__(self, experiment: Experiment, *, rate: float = 10.0, max_points: int = 2000):
         if not isinstance(experiment, Experiment):
             raise ValueError(f"experiment must be an nbtrain.Experiment, got {experiment!r:.60}")
-        if not 0 < rate <= 10:
+        number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+        if not number or not 0 < rate <= 10:
             raise ValueError(f"rate must be in (0, 10] refreshes per second, got {rate!r}")
-        if max_points < 10:
-            raise ValueError(f"max_points must be at least 10, got {max_points!r}")
+        if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 10:
+            raise ValueError(f"max_points must be an integer of at least 10, got {max_points!r}")
         self.experiment = experiment
         self.rate = rate
         self.max_points = max_points
@@ -243,8 +244,8 @@ class Dashboard(w.VBox):
         with self._lock:
             body = html.escape(text)
             title = (
-                "The run diverged and is paused.</b> Lower the learning rate or switch clipping "
-                "on, then Resume; or Reset."
+                "The run diverged.</b> The last finite weights are kept. Lower the learning "
+                "rate or switch clipping on, then Resume (or Start); or Reset."
                 if diverged
                 else "The run failed.</b> The model and history are kept; Reset or Start again."
             )

@@ -69,6 +69,10 @@ class View:
             return np.zeros(0, dtype=np.int32), np.zeros(0)
         return self.history.series(name, "step")
 
+    def markers(self) -> list[Event]:
+        """The events drawn as labelled lines: setting changes, and divergences."""
+        return [e for e in self.history.events if e.kind in ("change", "diverged")]
+
     def eval_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.history.names("eval"):
             return np.zeros(0, dtype=np.int32), np.zeros(0)
@@ -163,7 +167,7 @@ class LossFigure(_MarkedFigure):
             self.raw.x, self.raw.y = x.astype(np.int32), _finite(y)
             self.smoothed.x, self.smoothed.y = xs.astype(np.int32), _finite(ys)
             self.val.x, self.val.y = eval_steps.astype(np.int32), _finite(val_loss)
-        self.update_markers(view.history.changes())
+        self.update_markers(view.markers())
 
 
 class AccuracyFigure(_MarkedFigure):
@@ -192,7 +196,7 @@ class AccuracyFigure(_MarkedFigure):
             for mark, name in ((self.train, "train_acc"), (self.val, "val_acc")):
                 steps, acc = view.eval_series(name)
                 mark.x, mark.y = steps.astype(np.int32), _finite(acc)
-        self.update_markers(view.history.changes())
+        self.update_markers(view.markers())
 
 
 class GradientFigures:

@@ -244,3 +244,21 @@ def test_panel_controls_hold_every_configured_value_unclamped(small_data):
         assert exp.pending == {} and exp.history.changes() == []  # building sent nothing
     finally:
         dash.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate": 0}, r"rate must be in \(0, 10\] refreshes per second, got 0"),
+        ({"rate": 11}, r"rate must be in \(0, 10\] refreshes per second, got 11"),
+        ({"rate": "fast"}, r"rate must be in \(0, 10\] refreshes per second, got 'fast'"),
+        ({"max_points": 5}, r"max_points must be an integer of at least 10, got 5"),
+        ({"max_points": 100.5}, r"max_points must be an integer of at least 10, got 100.5"),
+    ],
+)
+def test_bad_panel_arguments_are_refused_by_name(small_data, kwargs, message):
+    exp = Experiment(data=small_data, hidden=(16,))
+    with pytest.raises(ValueError, match=message):
+        Dashboard(exp, **kwargs)
+    with pytest.raises(ValueError, match=r"experiment must be an nbtrain.Experiment, got 'exp'"):
+        Dashboard("exp")
