@@ -140,7 +140,7 @@ class Experiment:
 
     def _emit(self, name: str, payload: Any = None) -> None:
         # Note: an observer's exception is not caught here; it fails the run, visibly.
-        for callback in self._observers.get(name, ()):
+        for callback in list(self._observers.get(name, ())):  # on()/off() may run meanwhile
             callback(self, payload)
 
     # Live settings
@@ -314,7 +314,7 @@ class Experiment:
                 return
             self._pause_requested = True
             self._cond.notify_all()
-            if wait and threading.current_thread() is not self._worker:
+            if wait and threading.current_thread() is not self._loop_thread:
                 self._cond.wait_for(
                     lambda: self.state in WAITING or not self._loop_active, timeout
                 )
@@ -331,6 +331,8 @@ class Experiment:
 
         Returns once the step is done, refused as diverged, or the run has ended.
         """
+        if self._loop_active and threading.current_thread() is self._loop_thread:
+            raise RuntimeError("step() cannot run inside the training thread (an observer)")
         with self._cond:
             if self._loop_active and not self._pause_requested:
                 raise RuntimeError("step() works on a paused run; pause() first")
@@ -340,6 +342,8 @@ class Experiment:
         with self._cond:
             if self._loop_active and not self._pause_requested:
                 raise RuntimeError("step() works on a paused run; pause() first")
+            if self._loop_active:  # after pause(wait=False) the step in flight ends first
+                self._cond.wait_for(lambda: self.state in WAITING or not self._loop_active, timeout)
             target, divergences = self.step_count + 1, self._divergences
             if self._loop_active:
                 self._single_steps += 1
@@ -495,8 +499,10 @@ class Experiment:
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
-        if not (self._pause_requested or self._stop_requested):
-            return True
+        if not (self._pause_requested or self._stop_requested) and self.state == "running":
+            return True  # the common case, without the lock
+        # Note: a paused run resumed while its single step was still finishing arrives here
+        # with no pause requested; it must still become "running" and record the resume.
         with self._cond:
             while True:
                 if self._stop_requested:

@@ -3,6 +3,7 @@
 import _thread
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -242,3 +243,23 @@ def test_keyboard_interrupt_raised_in_user_code_stops_cleanly(small_data, event)
     assert len(exp.history) == exp.step_count
     exp.run(epochs=1)  # and it trains on
     assert exp.state == "finished"
+
+
+def test_controls_called_from_an_observer_never_stall_the_run(small_data):
+    exp = Experiment(data=small_data, hidden=(16,), epochs=2)
+    seen = []
+
+    def observer(e, _):
+        if e.step_count == 2:
+            e.pause()  # from the training thread: requests, does not wait for itself
+            seen.append(e.state)
+            e.resume()
+        if e.step_count == 3:
+            e.step()
+
+    exp.on("step_completed", observer)
+    started = time.monotonic()
+    exp.run()
+    assert time.monotonic() - started < 5  # no 5 s pause timeout, no 30 s step timeout
+    assert exp.state == "failed" and "step() cannot run inside the training thread" in exp.error
+    assert exp.step_count == 3

@@ -97,6 +97,7 @@ ACTIONS = st.one_of(
             ("start",),
             ("start_short",),
             ("pause",),
+            ("pause_nowait",),
             ("resume",),
             ("step",),
             ("stop",),
@@ -129,8 +130,15 @@ def apply(exp, dash, action, histories):
     elif kind == "pause":
         exp.pause()
         assert exp.state in ("paused", "diverged") or not exp.running
+    elif kind == "pause_nowait":
+        exp.pause(wait=False)
     elif kind == "resume":
         exp.resume()
+        # A resumed run says so (and records it) within moments, unless it has ended.
+        deadline = time.monotonic() + 10
+        while exp.running and exp.state != "running" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert exp.state == "running" or not exp.running, f"resumed but {exp.state}"
     elif kind == "step":
         before = exp.step_count
         try:
@@ -316,3 +324,36 @@ def test_a_panel_displayed_twice_or_for_a_finished_run_shows_the_same_live_widge
         assert len(dash.loss.raw.x) == exp.step_count
     finally:
         dash.close()
+
+
+def test_step_right_after_a_pause_that_did_not_wait_runs_exactly_one_step():
+    exp = Experiment(data=tiny_data(), hidden=(8,), epochs=500, batch_size=16)
+    try:
+        for _ in range(20):
+            exp.start()
+            exp.pause(wait=False)
+            exp.step()
+            after = exp.step_count
+            time.sleep(0.01)
+            assert exp.step_count == after and exp.state == "paused"
+            exp.stop()
+    finally:
+        exp.stop()
+
+
+def test_resume_right_after_a_single_step_is_recorded_and_the_state_follows():
+    exp = Experiment(data=tiny_data(), hidden=(8,), epochs=500, batch_size=16)
+    try:
+        exp.start()
+        for _ in range(20):
+            exp.pause()
+            exp.step()
+            exp.resume()  # the single step may still be finishing
+            deadline = time.monotonic() + 10
+            while exp.state != "running" and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert exp.state == "running"
+        kinds = [e.kind for e in exp.history.events]
+        assert kinds == ["started"] + ["paused", "resumed"] * 20
+    finally:
+        exp.stop()
