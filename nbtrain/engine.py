@@ -248,17 +248,10 @@ class Experiment:
         interrupts at once); elsewhere, or raised by user code, it ends the run where it lands.
         """
         epochs = self._check_epochs(epochs)
-        with self._cond:
-            if self._loop_active:
-                raise RuntimeError(
-                    "a run is already going in the background; use wait() or stop() first"
-                )
+        self._refuse_if_running()
         self._join_previous()
         with self._cond:
-            if self._loop_active:
-                raise RuntimeError(
-                    "a run is already going in the background; use wait() or stop() first"
-                )
+            self._refuse_if_running()
             self._begin(epochs)
             self._worker = None
         with self._ctrl_c_stops() as interrupted:
@@ -266,6 +259,12 @@ class Experiment:
         if interrupted:
             raise KeyboardInterrupt
         return self.history
+
+    def _refuse_if_running(self) -> None:
+        if self._loop_active:
+            raise RuntimeError(
+                "a run is already going in the background; use wait() or stop() first"
+            )
 
     @contextlib.contextmanager
     def _ctrl_c_stops(self) -> Iterator[list[bool]]:
@@ -283,8 +282,9 @@ class Experiment:
         def stop_at_boundary(signum: int, frame: Any) -> None:
             interrupted.append(True)
             signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
-            with self._cond:
+            with self._cond:  # an RLock: fine even if this thread holds it already
                 self._stop_requested = True
+                self._cond.notify_all()  # a run paused from another thread stops too
 
         signal.signal(signal.SIGINT, stop_at_boundary)
         try:
@@ -343,7 +343,8 @@ class Experiment:
             if self._loop_active and not self._pause_requested:
                 raise RuntimeError("step() works on a paused run; pause() first")
             if self._loop_active:  # after pause(wait=False) the step in flight ends first
-                self._cond.wait_for(lambda: self.state in WAITING or not self._loop_active, timeout)
+                paused = lambda: self.state in WAITING or not self._loop_active  # noqa: E731
+                self._cond.wait_for(paused, timeout)
             target, divergences = self.step_count + 1, self._divergences
             if self._loop_active:
                 self._single_steps += 1
@@ -380,7 +381,10 @@ class Experiment:
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
             return not worker.is_alive()
-        return not self._loop_active
+        if self._loop_thread is threading.current_thread():
+            return not self._loop_active  # an observer cannot wait for its own run
+        with self._cond:  # a blocking run() going in another thread
+            return self._cond.wait_for(lambda: not self._loop_active, timeout)
 
     def reset(self) -> None:
         """Stop any run and start over: same seed, current settings, empty history."""

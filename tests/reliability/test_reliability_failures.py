@@ -263,3 +263,19 @@ def test_controls_called_from_an_observer_never_stall_the_run(small_data):
     assert time.monotonic() - started < 5  # no 5 s pause timeout, no 30 s step timeout
     assert exp.state == "failed" and "step() cannot run inside the training thread" in exp.error
     assert exp.step_count == 3
+
+
+def test_stop_and_reset_from_another_thread_end_a_blocking_run(small_data):
+    exp = Experiment(data=small_data, hidden=(16,), epochs=10_000, batch_size=8)
+    done = []
+    runner = threading.Thread(target=lambda: done.append(exp.run()), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 20
+    while exp.step_count < 5 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    exp.pause()
+    assert exp.state == "paused"
+    exp.reset()  # waits for the blocking run to stop, then starts over
+    runner.join(10)
+    assert not runner.is_alive() and done and done[0].events[-1].kind == "stopped"
+    assert exp.state == "idle" and exp.step_count == 0

@@ -6,6 +6,7 @@ Each sequence runs in a helper thread joined with a timeout, so a deadlock fails
 
 import faulthandler
 import gc
+import os
 import sys
 import threading
 import time
@@ -21,6 +22,8 @@ from nbtrain import Dashboard, Experiment
 from nbtrain.history import EVENT_KINDS
 
 SEQUENCE_TIMEOUT = 60.0
+# 40 random sequences keep CI near 10 s; NBTRAIN_ROUGH_EXAMPLES=400 makes a soak test.
+ROUGH_EXAMPLES = int(os.environ.get("NBTRAIN_ROUGH_EXAMPLES", "40"))
 TERMINAL = ("stopped", "finished", "failed")
 
 
@@ -183,7 +186,7 @@ SEQUENCES_RUN = []
 
 
 @settings(
-    max_examples=40,
+    max_examples=ROUGH_EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

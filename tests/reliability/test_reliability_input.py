@@ -262,3 +262,22 @@ def test_bad_panel_arguments_are_refused_by_name(small_data, kwargs, message):
         Dashboard(exp, **kwargs)
     with pytest.raises(ValueError, match=r"experiment must be an nbtrain.Experiment, got 'exp'"):
         Dashboard("exp")
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs"),
+    [
+        ((90,), {"hidden": (8,)}),  # one feature as a flat vector
+        ((90, 2, 3), {"hidden": (8,)}),  # images are flattened
+        ((90, 4), {"hidden": ()}),  # no hidden layer: logistic regression
+        ((90, 4), {"hidden": (8,), "batch_size": 500}),  # one batch bigger than the set
+        ((90, 4), {"hidden": (8,), "batch_size": 1}),  # pure SGD, batch norm off
+    ],
+)
+def test_odd_but_legal_shapes_and_sizes_train(shape, kwargs):
+    x = np.random.default_rng(3).normal(size=shape)
+    y = np.arange(90) % 2
+    exp = Experiment(data=(x, y), epochs=1, **kwargs)
+    exp.run()
+    assert exp.state == "finished" and len(exp.history) == exp.steps_per_epoch
+    assert np.isfinite(exp.history.series("train_loss")[1]).all()
