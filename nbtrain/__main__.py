@@ -20,8 +20,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Train an nbtrain experiment on the embedded digits data, headless.",
     )
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    parser.add_argument("--hidden", type=int, nargs="+", default=list(DEFAULTS.hidden),
-                        help="hidden widths, input to output (default: %(default)s)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=list(DEFAULTS.hidden),
+        help="hidden widths, input to output (default: %(default)s)",
+    )
     parser.add_argument("--activation", choices=ACTIVATIONS, default=DEFAULTS.activation)
     parser.add_argument("--init", choices=INITS, default=DEFAULTS.init)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer)
@@ -41,9 +46,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         exp = Experiment(
-            epochs=args.epochs, hidden=tuple(args.hidden), activation=args.activation,
-            init=args.init, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
-            dropout=args.dropout, batchnorm=args.batchnorm, clip=args.clip, seed=args.seed,
+            epochs=args.epochs,
+            hidden=tuple(args.hidden),
+            activation=args.activation,
+            init=args.init,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            dropout=args.dropout,
+            batchnorm=args.batchnorm,
+            clip=args.clip,
+            seed=args.seed,
             threads=args.threads,
         )
     except ValueError as exc:
@@ -51,9 +64,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     print(exp)
-    header = f"{'epoch':>5} {'step':>6} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}"
-    bar = tqdm(total=args.epochs * exp.steps_per_epoch, unit="step", disable=args.no_progress,
-               dynamic_ncols=True)
+    columns = [
+        ("epoch", 5),
+        ("step", 6),
+        ("train_loss", 10),
+        ("train_acc", 9),
+        ("val_loss", 9),
+        ("val_acc", 8),
+    ]
+    header = " ".join(f"{name:>{width}}" for name, width in columns)
+    bar = tqdm(
+        total=args.epochs * exp.steps_per_epoch,
+        unit="step",
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
     bar.write(header)
 
     def on_epoch(e: Experiment, _: object) -> None:

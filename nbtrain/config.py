@@ -16,15 +16,57 @@ from typing import Any, Literal
 import numpy as np
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
-Init = Literal["he", "xavier", "default"]
-OptimizerName = Literal["adam", "sgd"]
+Init = Literal[
+    "default",
+    "he",
+    "he_normal",
+    "he_uniform",
+    "xavier",
+    "xavier_normal",
+    "xavier_uniform",
+    "zeros",
+    "normal",
+]
+OptimizerName = Literal["sgd", "momentum", "adam", "adamw", "rmsprop"]
+Schedule = Literal["none", "step", "cosine", "onecycle", "plateau"]
+Monitor = Literal["val_loss", "val_acc"]
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
-INITS: tuple[str, ...] = ("he", "xavier", "default")
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+# "he" and "xavier" are the normal variants, under their everyday names.
+INITS: tuple[str, ...] = (
+    "default",
+    "he",
+    "he_normal",
+    "he_uniform",
+    "xavier",
+    "xavier_normal",
+    "xavier_uniform",
+    "zeros",
+    "normal",
+)
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+SCHEDULES: tuple[str, ...] = ("none", "step", "cosine", "onecycle", "plateau")
+MONITORS: tuple[str, ...] = ("val_loss", "val_acc")
 
-# What `Experiment.set()` may change while a run is going. Everything else is fixed for a run.
-LIVE_KEYS: tuple[str, ...] = ("dropout", "batchnorm", "clip", "lr")
+# What `Experiment.set()` may change while a run is going. Everything else is fixed for a run
+# and changes with `Experiment.restart()`. batch_size waits for the next epoch boundary.
+LIVE_KEYS: tuple[str, ...] = (
+    "dropout",
+    "batchnorm",
+    "clip",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "l1",
+    "schedule",
+    "batch_size",
+    "activation",
+    "skip",
+    "augment",
+    "patience",
+    "min_delta",
+    "restore_best",
+)
 
 
 @dataclasses.dataclass
@@ -35,16 +77,31 @@ class Config:
     initialization, trained by Adam at lr=1e-3 in batches of 64.
     """
 
+    # Architecture
     hidden: tuple[int, ...] = (128, 64, 32)
     activation: Activation = "relu"
+    skip: bool = False  # residual connections on blocks whose input and output widths match
     init: Init = "he"
+    init_std: float = 0.01  # for init="normal"
+    # Optimization
     optimizer: OptimizerName = "adam"
     lr: float = 1e-3
+    momentum: float = 0.9  # for optimizer="momentum" (SGD with momentum) and "rmsprop"
+    schedule: Schedule = "none"
     batch_size: int = 64
     epochs: int = 20
+    # Regularization
+    weight_decay: float = 0.0  # L2; coupled into the gradient except for AdamW (decoupled)
+    l1: float = 0.0  # L1 penalty weight on the Linear weights, added to the loss
     dropout: float = 0.0
     batchnorm: bool = False
     clip: float | None = None
+    augment: bool = False  # random shifts of up to one pixel and noise, for image data
+    patience: int | None = None  # early stopping: evaluations without improvement; None: off
+    min_delta: float = 0.0  # the least change of `monitor` that counts as an improvement
+    restore_best: bool = True  # with early stopping: end every run on the best weights
+    monitor: Monitor = "val_loss"  # what early stopping and the plateau schedule watch
+    # Run
     seed: int = 0
     val_fraction: float = 0.2
     eval_every: int | None = None
@@ -111,13 +168,31 @@ def check_value(name: str, value: Any) -> Any:
         return _check_choice(name, value, INITS)
     if name == "optimizer":
         return _check_choice(name, value, OPTIMIZERS)
+    if name == "schedule":
+        return _check_choice(name, value, SCHEDULES)
+    if name == "monitor":
+        return _check_choice(name, value, MONITORS)
+    if name in ("weight_decay", "l1", "min_delta"):
+        if not _is_number(value) or value < 0:
+            raise _fail(name, value, "a non-negative finite number")
+        return float(value)
+    if name == "init_std":
+        return _check_positive_number(name, value)
+    if name == "momentum":
+        return _check_fraction(name, value, low_open=False)
+    if name == "patience":
+        if value is None:
+            return None
+        if not _is_int(value) or value < 0:
+            raise _fail(name, value, "None (no early stopping) or a non-negative integer")
+        return int(value)
     if name == "lr":
         return _check_positive_number(name, value)
     if name in ("batch_size", "epochs", "eval_batch_size"):
         return _check_positive_int(name, value)
     if name == "dropout":
         return _check_fraction(name, value, low_open=False)
-    if name == "batchnorm":
+    if name in ("batchnorm", "skip", "augment", "restore_best"):
         if not isinstance(value, (bool, np.bool_)):
             raise _fail(name, value, "True or False")
         return bool(value)

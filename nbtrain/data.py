@@ -1,7 +1,8 @@
 """Data for an experiment: the embedded digits set, or arrays the user brings.
 
 Everything ends up as four tensors (train and validation inputs and labels), standardized
-with statistics of the training split only, so no validation information leaks into training.
+with statistics of the training split only, so no validation information leaks into training:
+per feature for tabular data, one mean and std over all pixels for images (digits).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Split:
     y_val: torch.Tensor
     classes: np.ndarray  # original label values; the tensors hold their indices 0..n-1
     name: str
+    mean: torch.Tensor  # the training statistics the inputs were standardized with
+    std: torch.Tensor
+    image_shape: tuple[int, int] | None = None  # (height, width) when rows are images
 
     @property
     def n_features(self) -> int:
@@ -112,9 +116,10 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
     whose first axis is the samples (images are flattened). y may hold any labels: they are
     mapped to 0..n-1 in sorted order, the originals kept in `Split.classes`.
     """
+    image_shape = None
     if data is None:
         x, y = load_digits()
-        name = "digits"
+        name, image_shape = "digits", (8, 8)
     else:
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise ValueError(f"data must be None (digits) or a pair (X, y), got {data!r:.80}")
@@ -138,9 +143,16 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
 
     x_train, x_val, y_train, y_val = _split(x, y_index, val_fraction, seed)
     # Statistics in float64: float32 sums of large inputs would overflow to inf.
-    mean = x_train.mean(axis=0, dtype=np.float64)
-    std = x_train.std(axis=0, dtype=np.float64)
-    std[std == 0] = 1.0  # constant pixels (digits' borders) stay zero instead of dividing by 0
+    if image_shape is not None:
+        # Images: one mean and std for all pixels, as image pipelines do. Per-pixel statistics
+        # would give nearly blank border pixels a tiny std, and a shifted image (augmentation)
+        # would turn a little ink there into a huge input.
+        mean = np.full(x_train.shape[1], x_train.mean(dtype=np.float64))
+        std = np.full(x_train.shape[1], x_train.std(dtype=np.float64))
+    else:
+        mean = x_train.mean(axis=0, dtype=np.float64)
+        std = x_train.std(axis=0, dtype=np.float64)
+        std[std == 0] = 1.0  # a constant feature stays zero instead of dividing by 0
     return Split(
         x_train=torch.from_numpy(((x_train - mean) / std).astype(np.float32)),
         y_train=torch.from_numpy(y_train.astype(np.int64)),
@@ -148,4 +160,7 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
         y_val=torch.from_numpy(y_val.astype(np.int64)),
         classes=classes,
         name=name,
+        mean=torch.from_numpy(mean.astype(np.float32)),
+        std=torch.from_numpy(std.astype(np.float32)),
+        image_shape=image_shape,
     )

@@ -10,6 +10,7 @@ epochs completed, both starting at 0; history rows for step N are recorded after
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -27,7 +28,10 @@ from .config import LIVE_KEYS, Config, check_changes, make_config
 from .data import Split, prepare
 from .gradients import GradientProbe
 from .history import Event, History
+from .internals import Internals, measure_internals
 from .model import FunnelMLP, initialize
+from .optim import OWNS_LR, WEIGHT_DECAY_STYLE, make_optimizer, make_scheduler
+from .regularization import EarlyStopping, l1_penalty, shift_and_noise
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,20 @@ class Experiment:
         self.config: Config = make_config(config)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
-        self.data: Split = prepare(data, val_fraction=self.config.val_fraction, seed=self.config.seed)
-        self._check_batchnorm_fits(self.config.batchnorm)
+        self._data_arg = data
+        self.data: Split = prepare(
+            data, val_fraction=self.config.val_fraction, seed=self.config.seed
+        )
+        self._check_fits(
+            self.config,
+            {
+                "skip": self.config.skip,
+                "augment": self.config.augment,
+                "batchnorm": self.config.batchnorm,
+            },
+        )
+        self._internals_wanted = False
+        self.internals: Internals | None = None
         self._cond = threading.Condition(threading.RLock())
         self._observers: dict[str, list[Callback]] = defaultdict(list)
         self._worker: threading.Thread | None = None
@@ -93,11 +109,17 @@ class Experiment:
         self.model: nn.Module = FunnelMLP(
             self.data.n_features, cfg.hidden, self.data.n_classes, cfg.activation
         )
-        initialize(self.model, cfg.init, cfg.activation)
+        initialize(self.model, cfg.init, cfg.activation, cfg.init_std)
         self.model.set_dropout(cfg.dropout)
         self.model.set_batchnorm(cfg.batchnorm)
+        self.model.set_skip(cfg.skip)
         self.loss_fn = nn.CrossEntropyLoss()
         self.optimizer = self._make_optimizer()
+        self.scheduler: Any = None  # made when a run begins; see _schedule()
+        self._schedule_left = 0
+        self.early_stopping = EarlyStopping()
+        self._early_stop_hit = False
+        self._augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.probe = GradientProbe(self.model, self.model.named_layers())
         # Batch norm's running statistics, saved before each step while batch norm is on, so
         # a step refused as non-finite leaves no trace in them either.
@@ -120,11 +142,36 @@ class Experiment:
         self._run_ended_at: float | None = None
         self._run_start_step = 0
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        params = self.model.parameters()
-        if self.config.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.config.lr)
-        return torch.optim.Adam(params, lr=self.config.lr)
+    def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        cfg = self.config
+        return make_optimizer(
+            cfg.optimizer,
+            self.model.parameters(),
+            lr=cfg.lr if lr is None else lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
+
+    def _schedule(self) -> None:
+        """(Re)make the learning-rate schedule over what is left of the current run.
+
+        Each schedule starts from the base rate `config.lr`, so switching one on mid-run, or
+        starting a new run, begins at the rate the user chose.
+        """
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr
+            group.pop("initial_lr", None)  # a fresh scheduler on a used optimizer starts over
+        left = max(self._target_epoch - self.epoch_count, 1) * self.steps_per_epoch - self._pos
+        self._schedule_left = max(left, 1)
+        self.scheduler = make_scheduler(
+            cfg.schedule, self.optimizer, total_steps=self._schedule_left, monitor=cfg.monitor
+        )
+
+    @property
+    def weight_decay_style(self) -> str:
+        """How weight_decay (L2) is applied by the optimizer in force."""
+        return WEIGHT_DECAY_STYLE[self.config.optimizer]
 
     # Observers
 
@@ -163,39 +210,89 @@ class Experiment:
         run is going, that boundary is now.
         """
         checked = check_changes(changes, self.config)
-        if checked.get("batchnorm"):
-            self._check_batchnorm_fits(True)
         with self._cond:
+            after = {**dataclasses.asdict(self.config), **self._pending, **checked}
+            self._check_fits(after, checked)
+            if "lr" in checked and after["schedule"] in OWNS_LR:
+                raise ValueError(
+                    f"lr is set by the {after['schedule']!r} schedule at every step; "
+                    f"set(schedule='none') or 'plateau' first to change it by hand"
+                )
             self._pending.update(checked)
             if not self._loop_active:
                 self._apply_pending()
 
-    def _apply_pending(self) -> None:
-        with self._cond:
-            changes, self._pending = self._pending, {}
-        for name, value in changes.items():
-            old = getattr(self.config, name)
-            if old == value:
-                continue
-            if name == "dropout":
-                self.model.set_dropout(value)
-            elif name == "batchnorm":
-                self.model.set_batchnorm(value)
-            elif name == "lr":
-                for group in self.optimizer.param_groups:
-                    group["lr"] = value
-            self.config = self.config.replace(**{name: value})
-            label = f"{name} {_format(old)}→{_format(value)}"
-            event = self._event("change", label, {"name": name, "old": old, "new": value})
-            self._emit("change_applied", event)
-
-    def _check_batchnorm_fits(self, batchnorm: bool) -> None:
+    def _check_fits(self, after: Any, changed: dict[str, Any]) -> None:
+        """Refuse settings that are valid alone but not for this model, data or schedule."""
+        get = after.get if isinstance(after, dict) else lambda k: getattr(after, k)
+        if changed.get("skip") and not self._residual_blocks(get("hidden")):
+            raise ValueError(
+                f"skip=True needs hidden blocks of equal input and output width, and "
+                f"hidden={get('hidden')} has none; use e.g. hidden=(64, 64, 64)"
+            )
         n_train = len(self.data.y_train)
-        if batchnorm and n_train < 2:
+        if changed.get("batchnorm") and n_train < 2:
             raise ValueError(
                 f"batchnorm=True needs at least 2 training samples (batch norm cannot "
                 f"normalize a single sample), got a training split of {n_train}"
             )
+        if changed.get("augment") and self.data.image_shape is None:
+            raise ValueError(
+                "augment=True shifts image pixels, and this data has no image shape; "
+                "it works on the embedded digits"
+            )
+
+    def _residual_blocks(self, hidden: tuple[int, ...]) -> int:
+        widths = [self.data.n_features, *hidden]
+        return sum(a == b for a, b in zip(widths, widths[1:]))
+
+    def _apply_pending(self) -> None:
+        with self._cond:
+            changes, self._pending = self._pending, {}
+            mid_epoch = 0 < self._pos < len(self._bounds)
+            if "batch_size" in changes and mid_epoch:
+                # Batch size changes the epoch's batches: it waits for the epoch boundary.
+                self._pending["batch_size"] = changes.pop("batch_size")
+        for name, value in changes.items():
+            old = getattr(self.config, name)
+            if old == value:
+                continue
+            self.config = self.config.replace(**{name: value})
+            note = self._apply_one(name, value)
+            label = f"{name} {_format(old)}→{_format(value)}"
+            detail = {"name": name, "old": old, "new": value}
+            if note:
+                detail["note"] = note
+            event = self._event("change", label, detail)
+            self._emit("change_applied", event)
+
+    def _apply_one(self, name: str, value: Any) -> str | None:
+        """Make one live change take effect; returns a note for the event, if any."""
+        if name == "dropout":
+            self.model.set_dropout(value)
+        elif name == "batchnorm":
+            self.model.set_batchnorm(value)
+        elif name == "activation":
+            self.model.set_activation(value)
+        elif name == "skip":
+            self.model.set_skip(value)
+        elif name == "lr":
+            for group in self.optimizer.param_groups:
+                group["lr"] = value
+        elif name == "weight_decay":
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = value
+            return self.weight_decay_style
+        elif name == "optimizer":
+            current = self.optimizer.param_groups[0]["lr"]
+            self.optimizer = self._make_optimizer(lr=current)
+            if self.scheduler is not None:
+                self._schedule()
+            return "optimizer state reset (moments start from zero)"
+        elif name == "schedule":
+            self._schedule()
+            return f"over the {self._schedule_left} steps left in this run"
+        return None
 
     def _event(self, kind: str, label: str, detail: dict[str, Any] | None = None) -> Event:
         """Record an event at the boundary before the next step."""
@@ -303,9 +400,12 @@ class Experiment:
     def _begin(self, epochs: int) -> None:
         self._loop_active = True
         self._stop_requested = False
+        self._early_stop_hit = False
         self._target_epoch = self.epoch_count + epochs
         self.error = None
         self.exception = None
+        if self.config.schedule != "none":
+            self._schedule()
 
     def pause(self, wait: bool = True, timeout: float = 5.0) -> None:
         """Pause at the next step boundary; with `wait`, return once the run is paused."""
@@ -402,6 +502,33 @@ class Experiment:
                 self._build()
                 return
 
+    def restart(self, **changes: Any) -> None:
+        """Start over with changes to anything, architecture and initialization included.
+
+        A change of depth, widths, initialization, seed or split cannot be made to a network
+        that is training, so it is a new run: the model is rebuilt, the history starts empty.
+        """
+        before = self.config
+        config = make_config({**dataclasses.asdict(before), **changes})
+        self.stop()
+        with self._cond:
+            if (config.seed, config.val_fraction) != (self.config.seed, self.config.val_fraction):
+                self.data = prepare(
+                    self._data_arg, val_fraction=config.val_fraction, seed=config.seed
+                )
+            self._check_fits(config, changes)
+            self.config = config
+            self._pause_requested = False
+            self._single_steps = 0
+            self._pending.clear()
+            self._build()
+            changed = {
+                k: v for k, v in changes.items() if getattr(before, k) != getattr(config, k)
+            }
+            if changed:
+                text = ", ".join(f"{k}={_format(getattr(config, k))}" for k in changed)
+                self._event("restart", f"restart: {text}", changed)
+
     @property
     def running(self) -> bool:
         return self._loop_active
@@ -420,7 +547,9 @@ class Experiment:
         """Fraction of the current run's epochs done, 0 to 1 (1 once it has finished)."""
         if self._target_epoch == 0:
             return 0.0
-        within = self._pos / len(self._bounds) if self._bounds and self._pos < len(self._bounds) else 0
+        within = (
+            self._pos / len(self._bounds) if self._bounds and self._pos < len(self._bounds) else 0
+        )
         return min(1.0, (self.epoch_count + within) / self._target_epoch)
 
     @property
@@ -464,6 +593,9 @@ class Experiment:
                     and self.step_count % self.config.eval_every == 0
                 ):
                     self._evaluate()
+                if self._early_stop_hit:
+                    outcome = "finished"
+                    break
             else:
                 outcome = "finished"
         except KeyboardInterrupt:
@@ -482,6 +614,7 @@ class Experiment:
         """Record the outcome, then tell observers; the event lands before any new run's."""
         self._rng_state = torch.get_rng_state()
         self._run_ended_at = time.perf_counter()
+        self._restore_best()
         with self._cond:
             if outcome not in ("failed", "diverged"):
                 self.error = None  # a divergence message is moot once the run is stopped
@@ -500,6 +633,17 @@ class Experiment:
             self.state, self.exception = "failed", exc
             self.error = traceback.format_exc()
             log.error("a run_ended observer failed:\n%s", self.error)
+
+    def _restore_best(self) -> None:
+        """With early stopping and restore_best, every run ends on its best weights."""
+        stopper = self.early_stopping
+        if self.config.patience is None or not self.config.restore_best:
+            return
+        if stopper.best_state is None or stopper.best_step == self.step_count:
+            return
+        self.model.load_state_dict(stopper.best_state)
+        label = f"restored best weights from step {stopper.best_step}"
+        self._event("restored", label, {"best_step": stopper.best_step, "best": stopper.best})
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
@@ -550,15 +694,25 @@ class Experiment:
         # Changes queued by set() land here, between steps, all at once.
         if self._pending:
             self._apply_pending()
+        if self._internals_wanted:
+            self._capture_internals()
         x, y = self._next_batch()
-        if self.config.batchnorm:
+        cfg = self.config
+        if cfg.augment:
+            shape = self.data.image_shape
+            bounds = self.data.x_train.amin(dim=0), self.data.x_train.amax(dim=0)
+            x = shift_and_noise(x, self.data.mean, self.data.std, shape, bounds, self._augment_rng)
+        if cfg.batchnorm:
             torch._foreach_copy_(self._saved_buffers, self._buffers)
 
-        # Forward and backward.
+        # Forward and backward; the L1 penalty joins the objective, not the recorded loss.
         self.model.train()
         loss = self.loss_fn(self.model(x), y)
+        objective = loss
+        if cfg.l1 > 0:
+            objective = loss + cfg.l1 * l1_penalty(m.weight for _, m in self.probe_layers)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
 
         # Measure before clipping: the plots show what the network produced. One host
         # transfer carries the loss and every gradient statistic, and decides the step: a
@@ -567,14 +721,20 @@ class Experiment:
         values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
         if not (math.isfinite(values[0]) and math.isfinite(values[1])) and self._diverge(values):
             return False
-        if self.config.clip is not None:
-            nn.utils.clip_grads_with_norm_(self.probe.parameters, self.config.clip, stats[0])
+        if cfg.clip is not None:
+            nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, stats[0])
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         self.optimizer.step()
+        if self.scheduler is not None and cfg.schedule != "plateau" and self._schedule_left > 0:
+            self.scheduler.step()
+            self._schedule_left -= 1
         self.step_count += 1
 
         # Record.
-        values.insert(1, self.optimizer.param_groups[0]["lr"])
-        self.history.record_row("step", self.step_count, self.epoch_count, self._step_columns, values)
+        values.insert(1, lr)
+        self.history.record_row(
+            "step", self.step_count, self.epoch_count, self._step_columns, values
+        )
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
@@ -629,7 +789,48 @@ class Experiment:
             metrics[f"{split}_loss"] = loss
             metrics[f"{split}_acc"] = acc
         self.history.record("eval", self.step_count, self.epoch_count, metrics)
+        cfg = self.config
+        watched = metrics[cfg.monitor]
+        if self.scheduler is not None and cfg.schedule == "plateau" and self.step_count > 0:
+            self.scheduler.step(watched)
+        if cfg.patience is not None:
+            mode = "max" if cfg.monitor == "val_acc" else "min"
+            stopper = self.early_stopping
+            improved = stopper.update(
+                watched, self.step_count, self.model, mode=mode, min_delta=cfg.min_delta
+            )
+            if not improved and stopper.should_stop(cfg.patience):
+                self._early_stop_hit = True
+                label = (
+                    f"early stop: no {cfg.monitor} improvement in {stopper.wait} "
+                    f"evaluations (best at step {stopper.best_step})"
+                )
+                self._event(
+                    "early_stopped", label, {"best_step": stopper.best_step, "best": stopper.best}
+                )
         self._emit("evaluated", metrics)
+
+    # Internals
+
+    @property
+    def probe_layers(self) -> list[tuple[str, nn.Module]]:
+        return self.model.named_layers()
+
+    def request_internals(self) -> None:
+        """Ask for a fresh `exp.internals` snapshot: now when idle or paused, else at the
+        next step boundary (so it never reads a model halfway through an update)."""
+        with self._cond:
+            if not self._loop_active or self.state == "paused":
+                self._capture_internals()
+            else:
+                self._internals_wanted = True
+
+    def _capture_internals(self) -> None:
+        self._internals_wanted = False
+        probe_x = self.data.x_train[:256]
+        self.internals = measure_internals(
+            self.model, self.probe_layers, self.model.activations(), probe_x, self.step_count
+        )
 
     # Presentation
 

@@ -46,7 +46,6 @@ class Event:
     time: float = dataclasses.field(default_factory=time.time)
 
 
-# "change" and "diverged" events are drawn as markers; the others tell the story of the run.
 EVENT_KINDS = (
     "change",
     "started",
@@ -56,8 +55,12 @@ EVENT_KINDS = (
     "stopped",
     "finished",
     "failed",
-    "reset",
+    "restart",
+    "early_stopped",
+    "restored",
 )
+# The kinds drawn as markers on the plots; the others tell the story of the run.
+MARKED_KINDS = ("change", "diverged", "early_stopped", "restored")
 
 
 class _Table:
@@ -135,13 +138,16 @@ class History:
 
     # Writing (the training loop)
 
-    def record(
-        self, table: TableName, step: int, epoch: int, metrics: dict[str, float]
-    ) -> None:
+    def record(self, table: TableName, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self.record_row(table, step, epoch, list(metrics), list(metrics.values()))
 
     def record_row(
-        self, table: TableName, step: int, epoch: int, names: Sequence[str], values: Sequence[float]
+        self,
+        table: TableName,
+        step: int,
+        epoch: int,
+        names: Sequence[str],
+        values: Sequence[float],
     ) -> None:
         with self._lock:
             self._tables[table].append(step, epoch, names, values)
@@ -198,8 +204,12 @@ class History:
             return list(self._events)
 
     def changes(self) -> list[Event]:
-        """The events that changed a setting, the ones the plots mark."""
+        """The events that changed a setting."""
         return [event for event in self.events if event.kind == "change"]
+
+    def markers(self) -> list[Event]:
+        """The events the plots mark: changes, an early stop, a restore of best weights."""
+        return [event for event in self.events if event.kind in MARKED_KINDS]
 
     # Export
 

@@ -1,6 +1,7 @@
-"""The funnel MLP whose batch norm and dropout can be switched at any step.
+"""The funnel MLP whose batch norm, dropout, activation and skips can be switched at any step.
 
-Each hidden block is Linear -> (BatchNorm1d) -> activation -> (Dropout). The bracketed
+Each hidden block is Linear -> (BatchNorm1d) -> activation -> (Dropout), plus its input when
+skip connections are on and the block's input and output widths match. The bracketed
 modules always exist, so switching them on mid-run needs no new parameters in the optimizer;
 switched off, they are skipped entirely rather than set to an identity-like state.
 """
@@ -42,15 +43,19 @@ class Block(nn.Module):
         self.act = _ACTIVATIONS[activation]()
         self.drop = nn.Dropout(0.0)
         self.use_norm = False
+        self.residual = n_in == n_out  # only then can the input be added to the output
+        self.use_skip = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
+        out = self.linear(x)
         if self.use_norm:
-            x = self.norm(x)
-        x = self.act(x)
+            out = self.norm(out)
+        out = self.act(out)
         if self.drop.p > 0:
-            x = self.drop(x)
-        return x
+            out = self.drop(out)
+        if self.use_skip and self.residual:
+            out = out + x
+        return out
 
 
 class FunnelMLP(nn.Module):
@@ -84,23 +89,64 @@ class FunnelMLP(nn.Module):
         for block in self.blocks:
             block.use_norm = on
 
+    def set_activation(self, name: str) -> None:
+        for block in self.blocks:
+            block.act = _ACTIVATIONS[name]()
 
-def initialize(model: nn.Module, scheme: str, activation: str) -> None:
-    """Apply an initialization scheme to every Linear layer of `model`.
+    def set_skip(self, on: bool) -> None:
+        for block in self.blocks:
+            block.use_skip = on
 
-    'default' keeps PyTorch's own: Kaiming-uniform with a=sqrt(5), which works out to
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); that is not He initialization, whose std is
-    sqrt(2/fan_in). Biases start at zero under 'he' and 'xavier'.
+    @property
+    def residual_blocks(self) -> int:
+        """How many blocks a skip connection can bridge (equal input and output widths)."""
+        return sum(block.residual for block in self.blocks)
+
+    def activations(self) -> list[tuple[str, nn.Module]]:
+        """The activation modules, under the names of their layers, for hooks."""
+        return [(f"hidden{i + 1}", block.act) for i, block in enumerate(self.blocks)]
+
+
+def initialize(model: nn.Module, scheme: str, activation: str = "relu", std: float = 0.01) -> None:
+    """Apply an initialization scheme to every Linear and Conv layer of `model`.
+
+    Weight standard deviations, for fan_in inputs and fan_out outputs:
+
+    * ``default``: PyTorch's own reset, Kaiming-uniform with a=sqrt(5), which works out to
+      U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in). That is *not* He
+      initialization: it is sqrt(6) times smaller, and a deep ReLU net's signal shrinks.
+    * ``he``/``he_normal`` and ``he_uniform``: std sqrt(2/fan_in), derived for ReLU.
+    * ``xavier``/``xavier_normal`` and ``xavier_uniform``: std gain*sqrt(2/(fan_in+fan_out)),
+      derived for tanh and sigmoid; the gain is the activation's (5/3 for tanh, 1 for sigmoid).
+    * ``zeros``: every weight 0, so every unit of a layer computes the same thing forever.
+    * ``normal``: N(0, std^2) with the given `std`.
+
+    Biases start at zero except under ``default``, which keeps PyTorch's bias reset.
     """
-    if scheme == "default":
-        return
-    gain_name = {"leaky_relu": "leaky_relu", "gelu": "relu"}.get(activation, activation)
+    gain_of = {"tanh": "tanh", "sigmoid": "sigmoid", "leaky_relu": "leaky_relu"}
+    gain = nn.init.calculate_gain(gain_of.get(activation, "relu"))
+    he_nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
+    he_slope = 0.01 if activation == "leaky_relu" else 0.0
     for module in model.modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
-        if scheme == "he":
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif scheme == "xavier":
-            nn.init.xavier_normal_(module.weight, gain=nn.init.calculate_gain(gain_name))
+        weight = module.weight
+        if scheme == "default":
+            module.reset_parameters()
+            continue
+        if scheme in ("he", "he_normal"):
+            nn.init.kaiming_normal_(weight, a=he_slope, nonlinearity=he_nonlinearity)
+        elif scheme == "he_uniform":
+            nn.init.kaiming_uniform_(weight, a=he_slope, nonlinearity=he_nonlinearity)
+        elif scheme in ("xavier", "xavier_normal"):
+            nn.init.xavier_normal_(weight, gain=gain)
+        elif scheme == "xavier_uniform":
+            nn.init.xavier_uniform_(weight, gain=gain)
+        elif scheme == "zeros":
+            nn.init.zeros_(weight)
+        elif scheme == "normal":
+            nn.init.normal_(weight, 0.0, std)
+        else:
+            raise ValueError(f"init must be one of nbtrain.config.INITS, got {scheme!r}")
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -17,7 +17,10 @@ def main(paths: list[str]) -> None:
         notebook = nbformat.read(path, as_version=4)
         started = time.perf_counter()
         NotebookClient(
-            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": path.parent}}
+            notebook,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": path.parent}},
         ).execute()
         nbformat.write(notebook, path)
         print(f"{path}: executed in {time.perf_counter() - started:.1f} s")

@@ -18,12 +18,21 @@ def test_split_is_stratified_and_standardized_with_train_statistics_only():
     train_share = np.bincount(split.y_train.numpy()) / len(split.y_train)
     val_share = np.bincount(split.y_val.numpy()) / len(split.y_val)
     assert np.abs(train_share - val_share).max() < 0.01
-    # Train columns are standardized exactly; validation ones only approximately.
-    varying = split.x_train.std(dim=0) > 0
-    assert torch.allclose(split.x_train.mean(dim=0), torch.zeros(64), atol=1e-5)
-    assert torch.allclose(split.x_train[:, varying].std(dim=0, unbiased=False),
-                          torch.ones(int(varying.sum())), atol=1e-4)
-    assert not torch.allclose(split.x_val.mean(dim=0), torch.zeros(64), atol=1e-3)
+    # Images: one mean and std over all training pixels; validation only approximately.
+    assert abs(split.x_train.mean().item()) < 1e-5
+    assert split.x_train.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert abs(split.x_val.mean().item()) > 1e-4
+    assert split.image_shape == (8, 8)
+
+
+def test_tabular_data_is_standardized_per_feature_with_train_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=[0.0, 50.0, -3.0], scale=[1.0, 10.0, 0.1], size=(200, 3))
+    split = prepare((x, np.arange(200) % 2), val_fraction=0.25, seed=0)
+    assert torch.allclose(split.x_train.mean(dim=0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(split.x_train.std(dim=0, unbiased=False), torch.ones(3), atol=1e-4)
+    assert not torch.allclose(split.x_val.mean(dim=0), torch.zeros(3), atol=1e-3)
+    assert split.image_shape is None
 
 
 def test_numpy_and_tensor_inputs_give_the_same_split():

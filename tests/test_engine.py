@@ -15,10 +15,20 @@ from nbtrain import Experiment, evaluate
 def test_default_experiment_is_the_course_starting_point():
     exp = Experiment()
     cfg = exp.config
-    assert (cfg.hidden, cfg.activation, cfg.init, cfg.optimizer, cfg.lr, cfg.batch_size,
-            cfg.seed) == ((128, 64, 32), "relu", "he", "adam", 1e-3, 64, 0)
+    assert (
+        cfg.hidden,
+        cfg.activation,
+        cfg.init,
+        cfg.optimizer,
+        cfg.lr,
+        cfg.batch_size,
+        cfg.seed,
+    ) == ((128, 64, 32), "relu", "he", "adam", 1e-3, 64, 0)
     assert [name for name, _ in exp.model.named_layers()] == [
-        "hidden1", "hidden2", "hidden3", "output"
+        "hidden1",
+        "hidden2",
+        "hidden3",
+        "output",
     ]
     assert isinstance(exp.optimizer, torch.optim.Adam)
 
@@ -65,8 +75,12 @@ def test_recorded_gradient_norms_match_the_grads_the_optimizer_saw():
 
     def capture(optimizer, args, kwargs):
         layers = exp.model.named_layers()
-        seen.append([torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item()
-                     for _, m in layers])
+        seen.append(
+            [
+                torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item()
+                for _, m in layers
+            ]
+        )
 
     exp.optimizer.register_step_pre_hook(capture)
     exp.run(epochs=1)
@@ -81,8 +95,9 @@ def test_clipping_bounds_the_norm_the_optimizer_step_sees():
         seen = []
         exp.optimizer.register_step_pre_hook(
             lambda opt, a, k: seen.append(
-                torch.cat([p.grad.flatten() for p in exp.model.parameters()
-                           if p.grad is not None]).norm().item()
+                torch.cat([p.grad.flatten() for p in exp.model.parameters() if p.grad is not None])
+                .norm()
+                .item()
             )
         )
         exp.run()
@@ -160,7 +175,9 @@ def test_default_run_reaches_095_validation_accuracy():
     assert exp.state == "finished"
     assert history.last("val_acc") >= 0.95
     steps, _ = history.series("val_acc")
-    assert steps[0] == 0 and len(steps) == exp.config.epochs + 1  # before training, then each epoch
+    assert (
+        steps[0] == 0 and len(steps) == exp.config.epochs + 1
+    )  # before training, then each epoch
     assert len(history) == exp.step_count == exp.config.epochs * exp.steps_per_epoch
 
 

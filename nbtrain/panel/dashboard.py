@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 import threading
 import time
 import weakref
@@ -20,7 +19,11 @@ from typing import Any
 
 import ipywidgets as w
 
+from ..config import LIVE_KEYS
 from ..engine import WAITING, Experiment
+from ..optim import OWNS_LR
+from .controls import MoreControls, log_bounds
+from .inspect import InitInspector, InternalsView
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
 
 log = logging.getLogger(__name__)
@@ -28,16 +31,18 @@ log = logging.getLogger(__name__)
 BUTTON = w.Layout(width="92px")
 
 
-def _log_bounds(value: float, low: int, high: int) -> tuple[float, float]:
-    """A log slider's exponent range, widened to hold `value` so it is never clamped."""
-    exponent = math.log10(value)
-    return min(low, math.floor(exponent)), max(high, math.ceil(exponent))
+def _text(value: Any) -> str:
+    if value is None or value is False or (isinstance(value, float) and value == 0):
+        return "off"
+    if value is True:
+        return "on"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _readout(value: Any, pending: Any = None, has_pending: bool = False) -> str:
-    text = "off" if value in (None, False, 0, 0.0) else ("on" if value is True else f"{value:g}")
+    text = _text(value)
     if has_pending:
-        text += f" (next step: {_readout(pending)})"
+        text += f" (next boundary: {_text(pending)})"
     return f"<span style='color:#555'>in force: <b>{text}</b></span>"
 
 
@@ -71,12 +76,14 @@ class Dashboard(w.VBox):
         self.progress = w.FloatProgress(min=0, max=1, layout=w.Layout(width="100%"))
 
         # Run controls
-        self.start_button = w.Button(description="Start", icon="play", button_style="success",
-                                     layout=BUTTON)
+        self.start_button = w.Button(
+            description="Start", icon="play", button_style="success", layout=BUTTON
+        )
         self.pause_button = w.Button(description="Pause", icon="pause", layout=BUTTON)
         self.step_button = w.Button(description="Step", icon="step-forward", layout=BUTTON)
-        self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
-                                    layout=BUTTON)
+        self.stop_button = w.Button(
+            description="Stop", icon="stop", button_style="danger", layout=BUTTON
+        )
         self.reset_button = w.Button(description="Reset", icon="undo", layout=BUTTON)
         self.start_button.on_click(self._guard(lambda _: experiment.start()))
         self.pause_button.on_click(self._guard(self._pause_or_resume))
@@ -85,29 +92,57 @@ class Dashboard(w.VBox):
         self.reset_button.on_click(self._guard(lambda _: experiment.reset()))
 
         # Live switches: they express intent; the readouts beside them show what is in force.
-        self.dropout_toggle = w.ToggleButton(value=cfg.dropout > 0, description="Dropout",
-                                             icon="random", layout=w.Layout(width="120px"))
+        self.dropout_toggle = w.ToggleButton(
+            value=cfg.dropout > 0,
+            description="Dropout",
+            icon="random",
+            layout=w.Layout(width="120px"),
+        )
         # Bounds hold every value the config allows, so no control shows a clamped value.
-        self.dropout_rate = w.FloatSlider(value=cfg.dropout or 0.3,
-                                          min=min(0.05, cfg.dropout or 0.05),
-                                          max=max(0.9, cfg.dropout),
-                                          step=0.05, description="rate",
-                                          continuous_update=False, readout_format=".2f")
-        self.batchnorm_toggle = w.ToggleButton(value=cfg.batchnorm, description="Batch norm",
-                                               icon="align-center", layout=w.Layout(width="120px"))
-        self.clip_toggle = w.ToggleButton(value=cfg.clip is not None, description="Clip grads",
-                                          icon="cut", layout=w.Layout(width="120px"))
-        clip_low, clip_high = _log_bounds(cfg.clip or 1.0, -2, 2)
-        self.clip_norm = w.FloatLogSlider(value=cfg.clip or 1.0, base=10, min=clip_low,
-                                          max=clip_high,
-                                          step=0.1, description="max norm",
-                                          continuous_update=False, readout_format=".2g")
-        lr_low, lr_high = _log_bounds(cfg.lr, -5, 0)
-        self.lr_slider = w.FloatLogSlider(value=cfg.lr, base=10, min=lr_low, max=lr_high,
-                                          step=0.25,
-                                          description="lr", continuous_update=False,
-                                          readout_format=".1e")
-        self.readouts = {name: w.HTML() for name in ("dropout", "batchnorm", "clip", "lr")}
+        self.dropout_rate = w.FloatSlider(
+            value=cfg.dropout or 0.3,
+            min=min(0.05, cfg.dropout or 0.05),
+            max=max(0.9, cfg.dropout),
+            step=0.05,
+            description="rate",
+            continuous_update=False,
+            readout_format=".2f",
+        )
+        self.batchnorm_toggle = w.ToggleButton(
+            value=cfg.batchnorm,
+            description="Batch norm",
+            icon="align-center",
+            layout=w.Layout(width="120px"),
+        )
+        self.clip_toggle = w.ToggleButton(
+            value=cfg.clip is not None,
+            description="Clip grads",
+            icon="cut",
+            layout=w.Layout(width="120px"),
+        )
+        clip_low, clip_high = log_bounds(cfg.clip or 1.0, -2, 2)
+        self.clip_norm = w.FloatLogSlider(
+            value=cfg.clip or 1.0,
+            base=10,
+            min=clip_low,
+            max=clip_high,
+            step=0.1,
+            description="max norm",
+            continuous_update=False,
+            readout_format=".2g",
+        )
+        lr_low, lr_high = log_bounds(cfg.lr, -5, 0)
+        self.lr_slider = w.FloatLogSlider(
+            value=cfg.lr,
+            base=10,
+            min=lr_low,
+            max=lr_high,
+            step=0.25,
+            description="lr",
+            continuous_update=False,
+            readout_format=".1e",
+        )
+        self.readouts = {name: w.HTML() for name in LIVE_KEYS}
         for widget in (self.dropout_toggle, self.dropout_rate):
             widget.observe(self._guard(self._send_dropout), names="value")
         self.batchnorm_toggle.observe(
@@ -116,6 +151,17 @@ class Dashboard(w.VBox):
         for widget in (self.clip_toggle, self.clip_norm):
             widget.observe(self._guard(self._send_clip), names="value")
         self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
+
+        # Further knobs and views, in tabs below the switches
+        self.more = MoreControls(experiment, self._guard, self.readouts)
+        self.internals = InternalsView(experiment)
+        self.inspector = InitInspector(experiment)
+        self.tabs = self.more.tab
+        self.tabs.children = [*self.tabs.children, self.internals.widget, self.inspector.widget]
+        self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
+        self._internals_at = 0.0
+        for widget in (self.tabs, self.internals.layer, self.internals.kind):
+            widget.observe(lambda _: self._wake.set(), names=["selected_index", "value"])
 
         # Plots
         self.loss = LossFigure()
@@ -128,21 +174,32 @@ class Dashboard(w.VBox):
         def row(*children: w.Widget) -> w.HBox:
             return w.HBox(list(children), layout=w.Layout(align_items="center"))
 
-        buttons = row(self.start_button, self.pause_button, self.step_button,
-                      self.stop_button, self.reset_button)
-        switches = w.VBox([
-            row(self.dropout_toggle, self.dropout_rate, self.readouts["dropout"]),
-            row(self.batchnorm_toggle, self.readouts["batchnorm"]),
-            row(self.clip_toggle, self.clip_norm, self.readouts["clip"]),
-            row(w.Label("Learning rate", layout=w.Layout(width="120px")), self.lr_slider,
-                self.readouts["lr"]),
-        ])
-        plots = w.GridBox(
-            [self.loss.figure, self.accuracy.figure,
-             self.gradients.bar_figure, self.gradients.norm_figure],
+        buttons = row(
+            self.start_button,
+            self.pause_button,
+            self.step_button,
+            self.stop_button,
+            self.reset_button,
+        )
+        switches = w.VBox(
+            [
+                row(self.dropout_toggle, self.dropout_rate, self.readouts["dropout"]),
+                row(self.batchnorm_toggle, self.readouts["batchnorm"]),
+                row(self.clip_toggle, self.clip_norm, self.readouts["clip"]),
+                row(
+                    w.Label("Learning rate", layout=w.Layout(width="120px")),
+                    self.lr_slider,
+                    self.readouts["lr"],
+                ),
+            ]
+        )
+        self.plots = w.GridBox(
+            self._figures(),
             layout=w.Layout(grid_template_columns="repeat(2, minmax(320px, 1fr))"),
         )
-        super().__init__([buttons, self.status, self.progress, switches, self.error_area, plots])
+        super().__init__(
+            [buttons, self.status, self.progress, switches, self.tabs, self.error_area, self.plots]
+        )
         self.add_class("nbtrain-dashboard")
 
         experiment.on("run_ended", self._on_run_ended)
@@ -151,6 +208,14 @@ class Dashboard(w.VBox):
             target=_poll, args=(weakref.ref(self),), name="nbtrain-panel", daemon=True
         )
         self._poller.start()
+
+    def _figures(self) -> list[w.Widget]:
+        return [
+            self.loss.figure,
+            self.accuracy.figure,
+            self.gradients.bar_figure,
+            self.gradients.norm_figure,
+        ]
 
     def __repr__(self) -> str:
         return "nbtrain.Dashboard"  # Note: nbval compares this text; no live values here.
@@ -190,20 +255,43 @@ class Dashboard(w.VBox):
 
     def _fingerprint(self) -> tuple:
         exp = self.experiment
-        return (id(exp.history), len(exp.history), exp.history.n_evals,
-                len(exp.history.events), exp.state, exp.error, repr(exp.pending))
+        return (
+            id(exp.history),
+            len(exp.history),
+            exp.history.n_evals,
+            len(exp.history.events),
+            exp.state,
+            exp.error,
+            repr(exp.pending),
+            self.tabs.selected_index,
+            self.internals.layer.value,
+            self.internals.kind.value,
+            id(exp.internals),
+        )
 
     def refresh(self) -> None:
         """Bring every display widget up to date with the experiment, now."""
         with self._lock:
             self._seen = self._fingerprint()
             exp = self.experiment
+            if exp.probe.layer_names != self.gradients.layer_names:  # restarted, new depth
+                self.gradients = GradientFigures(exp.probe.layer_names)
+                self.plots.children = self._figures()
+                self.internals.layer.options = exp.probe.layer_names
             view = View(exp.history, exp.probe.layer_names, self.max_points)
             self.loss.update(view)
             self.accuracy.update(view)
             self.gradients.update(view)
             self._update_status()
             self._update_controls()
+            self.more.show_in_force()
+            now = time.perf_counter()
+            if (
+                self.tabs.selected_index == 3
+                and now - self._internals_at >= 1 / InternalsView.rate
+            ):
+                self._internals_at = now
+                self.internals.update()
             if exp.error:
                 self._show_error(exp.error, diverged=exp.state == "diverged")
             elif self.error_area.layout.display != "none":
@@ -239,6 +327,8 @@ class Dashboard(w.VBox):
         pending = exp.pending
         for name, value in exp.in_force.items():
             self.readouts[name].value = _readout(value, pending.get(name), name in pending)
+        self.lr_slider.disabled = exp.config.schedule in OWNS_LR
+        self.more.skip.disabled = exp.model.residual_blocks == 0
 
     def _show_error(self, text: str, diverged: bool = False) -> None:
         with self._lock:

@@ -69,10 +69,6 @@ class View:
             return np.zeros(0, dtype=np.int32), np.zeros(0)
         return self.history.series(name, "step")
 
-    def markers(self) -> list[Event]:
-        """The events drawn as labelled lines: setting changes, and divergences."""
-        return [e for e in self.history.events if e.kind in ("change", "diverged")]
-
     def eval_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.history.names("eval"):
             return np.zeros(0, dtype=np.int32), np.zeros(0)
@@ -110,12 +106,22 @@ class _MarkedFigure:
         self.x_scale = bq.LinearScale(min=0)
         self.unit = bq.LinearScale(min=0, max=1)  # markers span the height whatever the data
         self.marker_lines = bq.Lines(
-            x=[], y=[], scales={"x": self.x_scale, "y": self.unit}, colors=[MARKER_COLOR],
-            line_style="dashed", stroke_width=1,
+            x=[],
+            y=[],
+            scales={"x": self.x_scale, "y": self.unit},
+            colors=[MARKER_COLOR],
+            line_style="dashed",
+            stroke_width=1,
         )
         self.marker_labels = bq.Label(
-            x=[], y=[], text=[], scales={"x": self.x_scale, "y": self.unit},
-            colors=[MARKER_COLOR], default_size=11, align="start", x_offset=3,
+            x=[],
+            y=[],
+            text=[],
+            scales={"x": self.x_scale, "y": self.unit},
+            colors=[MARKER_COLOR],
+            default_size=11,
+            align="start",
+            x_offset=3,
         )
         self._marked = 0
 
@@ -144,12 +150,24 @@ class LossFigure(_MarkedFigure):
             x=[], y=[], scales=scales, colors=[TRAIN], opacities=[0.25], labels=["train (batch)"]
         )
         self.smoothed = bq.Lines(
-            x=[], y=[], scales=scales, colors=[TRAIN], labels=["train (smoothed)"],
-            display_legend=True, stroke_width=2,
+            x=[],
+            y=[],
+            scales=scales,
+            colors=[TRAIN],
+            labels=["train (smoothed)"],
+            display_legend=True,
+            stroke_width=2,
         )
         self.val = bq.Lines(
-            x=[], y=[], scales=scales, colors=[VAL], labels=["validation"], marker="circle",
-            marker_size=16, display_legend=True, stroke_width=2,
+            x=[],
+            y=[],
+            scales=scales,
+            colors=[VAL],
+            labels=["validation"],
+            marker="circle",
+            marker_size=16,
+            display_legend=True,
+            stroke_width=2,
         )
         axes = [
             bq.Axis(scale=self.x_scale, label="step"),
@@ -167,7 +185,7 @@ class LossFigure(_MarkedFigure):
             self.raw.x, self.raw.y = x.astype(np.int32), _finite(y)
             self.smoothed.x, self.smoothed.y = xs.astype(np.int32), _finite(ys)
             self.val.x, self.val.y = eval_steps.astype(np.int32), _finite(val_loss)
-        self.update_markers(view.markers())
+        self.update_markers(view.history.markers())
 
 
 class AccuracyFigure(_MarkedFigure):
@@ -176,12 +194,26 @@ class AccuracyFigure(_MarkedFigure):
         y = bq.LinearScale(min=0, max=1)
         scales = {"x": self.x_scale, "y": y}
         self.train = bq.Lines(
-            x=[], y=[], scales=scales, colors=[TRAIN], labels=["train"], marker="circle",
-            marker_size=16, display_legend=True, stroke_width=2,
+            x=[],
+            y=[],
+            scales=scales,
+            colors=[TRAIN],
+            labels=["train"],
+            marker="circle",
+            marker_size=16,
+            display_legend=True,
+            stroke_width=2,
         )
         self.val = bq.Lines(
-            x=[], y=[], scales=scales, colors=[VAL], labels=["validation"], marker="circle",
-            marker_size=16, display_legend=True, stroke_width=2,
+            x=[],
+            y=[],
+            scales=scales,
+            colors=[VAL],
+            labels=["validation"],
+            marker="circle",
+            marker_size=16,
+            display_legend=True,
+            stroke_width=2,
         )
         axes = [
             bq.Axis(scale=self.x_scale, label="step"),
@@ -196,7 +228,7 @@ class AccuracyFigure(_MarkedFigure):
             for mark, name in ((self.train, "train_acc"), (self.val, "val_acc")):
                 steps, acc = view.eval_series(name)
                 mark.x, mark.y = steps.astype(np.int32), _finite(acc)
-        self.update_markers(view.markers())
+        self.update_markers(view.history.markers())
 
 
 class GradientFigures:
@@ -207,25 +239,39 @@ class GradientFigures:
         colors = [LAYER_COLORS[i % len(LAYER_COLORS)] for i in range(len(layer_names))]
         bar_y = bq.LogScale()
         self.bars = bq.Bars(
-            x=layer_names, y=np.full((2, len(layer_names)), np.nan, dtype=np.float32),
-            scales={"x": bq.OrdinalScale(), "y": bar_y}, type="grouped",
-            colors=["#7f7f7f", "#d62728"], labels=["mean |g|", "max |g|"], display_legend=True,
+            x=layer_names,
+            y=np.full((2, len(layer_names)), np.nan, dtype=np.float32),
+            scales={"x": bq.OrdinalScale(), "y": bar_y},
+            type="grouped",
+            colors=["#7f7f7f", "#d62728"],
+            labels=["mean |g|", "max |g|"],
+            display_legend=True,
         )
         self.bar_figure = _figure(
-            "Gradient flow (last 20 steps)", [self.bars],
-            [bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"),
-             bq.Axis(scale=bar_y, side="left", label="|gradient|", tick_format=".0e")],
+            "Gradient flow (last 20 steps)",
+            [self.bars],
+            [
+                bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"),
+                bq.Axis(scale=bar_y, side="left", label="|gradient|", tick_format=".0e"),
+            ],
         )
         self.x_scale = bq.LinearScale(min=0)
         norm_y = bq.LogScale()
         self.norms = bq.Lines(
-            x=[], y=[], scales={"x": self.x_scale, "y": norm_y}, colors=colors,
-            labels=layer_names, display_legend=True,
+            x=[],
+            y=[],
+            scales={"x": self.x_scale, "y": norm_y},
+            colors=colors,
+            labels=layer_names,
+            display_legend=True,
         )
         self.norm_figure = _figure(
-            "Per-layer gradient L2 norm", [self.norms],
-            [bq.Axis(scale=self.x_scale, label="step"),
-             bq.Axis(scale=norm_y, side="left", label="‖g‖", tick_format=".0e")],
+            "Per-layer gradient L2 norm",
+            [self.norms],
+            [
+                bq.Axis(scale=self.x_scale, label="step"),
+                bq.Axis(scale=norm_y, side="left", label="‖g‖", tick_format=".0e"),
+            ],
         )
 
     def update(self, view: View) -> None:
@@ -235,13 +281,20 @@ class GradientFigures:
         recent = slice(-view.window, None)
         means = [view.step_series(f"grad_mean/{n}")[1][recent] for n in self.layer_names]
         maxes = [view.step_series(f"grad_max/{n}")[1][recent] for n in self.layer_names]
-        bars = np.array([[np.nanmean(v) if np.isfinite(v).any() else np.nan for v in stat]
-                         for stat in (means, maxes)], dtype=np.float32)
+        bars = np.array(
+            [
+                [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in stat]
+                for stat in (means, maxes)
+            ],
+            dtype=np.float32,
+        )
         # Each layer keeps its own extremes, so each line has its own x (same length).
-        xs, ys = zip(*(
-            decimate(steps, view.step_series(f"grad_norm/{name}")[1], view.max_points)
-            for name in self.layer_names
-        ))
+        xs, ys = zip(
+            *(
+                decimate(steps, view.step_series(f"grad_norm/{name}")[1], view.max_points)
+                for name in self.layer_names
+            )
+        )
         with self.bars.hold_sync(), self.norms.hold_sync():
             self.bars.y = _positive(bars)
             self.norms.x = np.array(xs, dtype=np.int32)

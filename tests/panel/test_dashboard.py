@@ -65,7 +65,8 @@ def test_switches_reach_the_engine_and_each_change_is_a_labelled_marker(panel):
     dash.batchnorm_toggle.value = True
     dash.clip_toggle.value = True
     dash.lr_slider.value = 1e-2
-    assert exp.in_force == {"dropout": 0.4, "batchnorm": True, "clip": 1.0, "lr": 1e-2}
+    live = {k: exp.in_force[k] for k in ("dropout", "batchnorm", "clip", "lr")}
+    assert live == {"dropout": 0.4, "batchnorm": True, "clip": 1.0, "lr": 1e-2}
     dash.refresh()
     labels = list(dash.loss.marker_labels.text)
     assert labels == ["dropout off→0.4", "batchnorm off→on", "clip off→1", "lr 0.001→0.01"]
@@ -113,3 +114,90 @@ def test_decimate_keeps_extremes_and_bounds_the_points():
 def test_smooth_is_an_ema_started_at_the_first_value():
     y = np.array([4.0, 0.0, 0.0])
     np.testing.assert_allclose(smooth(y, 0.5), [4.0, 2.0, 1.0])
+
+
+def test_every_further_control_reaches_the_engine_and_shows_what_is_in_force():
+    exp = Experiment(epochs=1, hidden=(64, 64))
+    dash = Dashboard(exp)
+    more = dash.more
+    try:
+        more.optimizer.value = "adamw"
+        more.schedule.value = "plateau"
+        more.batch_size.value = 100
+        more.batch_presets.value = 32
+        more.weight_decay.value = 1e-3
+        more.weight_decay_on.value = True
+        more.l1.value = 1e-4
+        more.l1_on.value = True
+        more.patience.value = 4
+        more.early_on.value = True
+        more.min_delta.value = 0.01
+        more.restore_best.value = False
+        more.augment.value = True
+        more.activation.value = "gelu"
+        more.skip.value = True
+        expected = {
+            "optimizer": "adamw",
+            "schedule": "plateau",
+            "batch_size": 32,
+            "weight_decay": 1e-3,
+            "l1": 1e-4,
+            "patience": 4,
+            "min_delta": 0.01,
+            "restore_best": False,
+            "augment": True,
+            "activation": "gelu",
+            "skip": True,
+        }
+        assert {k: exp.in_force[k] for k in expected} == expected
+        dash.refresh()
+        for name, value in expected.items():
+            shown = {True: "on", False: "off"}.get(
+                value, f"{value:g}" if isinstance(value, float) else str(value)
+            )
+            assert f"in force: <b>{shown}</b>" in dash.readouts[name].value, name
+        assert "decoupled" in more.weight_decay_style.value
+        more.early_on.value = False
+        assert exp.in_force["patience"] is None
+        more.hidden.value = "32-16"
+        more.init.value = "xavier_uniform"
+        more.restart_button.click()
+        assert exp.config.hidden == (32, 16) and exp.config.init == "xavier_uniform"
+        dash.refresh()
+        assert dash.gradients.layer_names == ["hidden1", "hidden2", "output"]
+        assert dash.more.skip.disabled  # 64 -> 32 -> 16: no equal-width block any more
+    finally:
+        dash.close()
+
+
+def test_a_schedule_that_owns_the_rate_disables_the_lr_slider(panel):
+    exp, dash = panel
+    dash.more.schedule.value = "cosine"
+    dash.refresh()
+    assert dash.lr_slider.disabled
+    dash.more.schedule.value = "none"
+    dash.refresh()
+    assert not dash.lr_slider.disabled
+
+
+def test_internals_tab_draws_a_live_snapshot(panel):
+    exp, dash = panel
+    exp.run(epochs=1)
+    dash.tabs.selected_index = 3
+    dash.internals.kind.value = "gradients"
+    dash.internals.update()  # asks for a snapshot (taken at once: no run is going)
+    dash.internals.update()  # and draws it
+    grads = exp.internals.layers[0].gradients
+    np.testing.assert_allclose(dash.internals.bars.y, grads.counts)
+    assert f"at step {exp.step_count}" in dash.internals.caption.value
+
+
+def test_init_inspector_compares_two_schemes(panel):
+    exp, dash = panel
+    dash.inspector.first.value = "he"
+    dash.inspector.second.value = "zeros"
+    reports = dash.inspector.update()
+    bars = dash.inspector.bars["activation_std"].y
+    assert bars.shape == (2, 4)
+    assert np.all(bars[0, :3] > 0) and np.all(bars[1, :3] == 0)  # zeros: every unit alike, 0
+    assert reports["he"].layers[0].grad_norm > 0
