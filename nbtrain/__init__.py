@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .challenges import PRESET_NAMES as presets
 from .config import Config
 from .engine import Experiment, evaluate
 from .history import Event, History
 from .model import FunnelMLP, funnel_widths
+from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
     from .panel import Dashboard
@@ -25,8 +27,12 @@ __all__ = [
     "FunnelMLP",
     "History",
     "NBVAL_SANITIZE",
+    "Run",
+    "RunRegistry",
     "evaluate",
     "funnel_widths",
+    "presets",
+    "session_runs",
 ]
 __version__ = "0.1.0"
 

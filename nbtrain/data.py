@@ -109,13 +109,30 @@ def _split(
     )
 
 
-def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
+def prepare(
+    data: Any,
+    *,
+    val_fraction: float,
+    seed: int,
+    train_size: int | None = None,
+    label_noise: float = 0.0,
+) -> Split:
     """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`).
+
+    `train_size` keeps only that many training samples, drawn stratified from the training
+    split, and `label_noise` replaces that share of the training labels by random classes
+    (the validation set stays whole and clean): the ways to make a network memorize.
+    A `Split` is taken as it is: forks and checkpoints hand over data already prepared.
 
     X may be any real dtype (float64 and integers are converted to float32) and any shape
     whose first axis is the samples (images are flattened). y may hold any labels: they are
     mapped to 0..n-1 in sorted order, the originals kept in `Split.classes`.
     """
+    from sklearn.model_selection import train_test_split
+
+    if isinstance(data, Split):
+        return data
+
     image_shape = None
     if data is None:
         x, y = load_digits()
@@ -142,6 +159,20 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
     classes, y_index = np.unique(y, return_inverse=True)
 
     x_train, x_val, y_train, y_val = _split(x, y_index, val_fraction, seed)
+    if train_size is not None and train_size < len(y_train):
+        if train_size < len(classes):
+            raise ValueError(
+                f"train_size must be at least the number of classes ({len(classes)}), "
+                f"got {train_size}"
+            )
+        x_train, _, y_train, _ = train_test_split(
+            x_train, y_train, train_size=train_size, random_state=seed, stratify=y_train
+        )
+    if label_noise > 0:
+        rng = np.random.default_rng(seed)
+        flip = rng.random(len(y_train)) < label_noise
+        y_train = y_train.copy()
+        y_train[flip] = rng.integers(0, len(classes), int(flip.sum()))
     # Statistics in float64: float32 sums of large inputs would overflow to inf.
     if image_shape is not None:
         # Images: one mean and std for all pixels, as image pipelines do. Per-pixel statistics

@@ -3,8 +3,9 @@
 Pure PyTorch: nothing here imports ipywidgets or bqplot, so the engine runs in scripts, tests
 and CI as it does under the panel.
 
-Counting: ``step`` is the number of optimizer steps completed and ``epoch`` the number of
+Counting: ``step`` is the number of training steps completed and ``epoch`` the number of
 epochs completed, both starting at 0; history rows for step N are recorded after the N-th step.
+A step refused as non-finite (the run then diverged) counts too, though no update was made.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -24,14 +26,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .challenges import preset_config
 from .config import LIVE_KEYS, Config, check_changes, make_config
 from .data import Split, prepare
+from .diagnosis import CHECK_EVERY, Diagnosis, Finding
 from .gradients import GradientProbe
 from .history import Event, History
 from .internals import Internals, measure_internals
 from .model import FunnelMLP, initialize
 from .optim import OWNS_LR, WEIGHT_DECAY_STYLE, make_optimizer, make_scheduler
 from .regularization import EarlyStopping, l1_penalty, shift_and_noise
+from .runs import Run, RunRegistry, session_runs
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +77,15 @@ class Experiment:
     True
     """
 
-    def __init__(self, data: Any = None, **config: Any) -> None:
+    def __init__(self, data: Any = None, *, preset: str | None = None, **config: Any) -> None:
+        if preset is not None:
+            config = {**preset_config(preset), **config}
+        self.preset = preset
         self.config: Config = make_config(config)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._data_arg = data
-        self.data: Split = prepare(
-            data, val_fraction=self.config.val_fraction, seed=self.config.seed
-        )
+        self.data: Split = self._prepare(self.config)
         self._check_fits(
             self.config,
             {
@@ -98,9 +104,23 @@ class Experiment:
         self._stop_requested = False
         self._pause_requested = False
         self._single_steps = 0
-        self._divergences = 0  # how many steps were refused as non-finite, ever
         self._pending: dict[str, Any] = {}
+        self._boundary_calls: list[Callable[[], None]] = []  # see at_boundary()
+        self._loop_thread: threading.Thread | None = None
+        self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
+        self.current_run: Run | None = None
         self._build()
+        self.on("step_completed", _diagnose_every)
+        self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
+
+    def _prepare(self, cfg: Config) -> Split:
+        return prepare(
+            self._data_arg,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            train_size=cfg.train_size,
+            label_noise=cfg.label_noise,
+        )
 
     def _build(self) -> None:
         """A fresh model, optimizer and history from the seed and the current config."""
@@ -132,6 +152,7 @@ class Experiment:
         self._bounds: list[tuple[int, int]] = []
         self._pos = 0
         self.history = History()
+        self.diagnosis = Diagnosis()
         self.step_count = 0
         self.epoch_count = 0
         self._target_epoch = 0
@@ -141,6 +162,7 @@ class Experiment:
         self._run_started_at: float | None = None
         self._run_ended_at: float | None = None
         self._run_start_step = 0
+        self.current_run = self.runs.begin(self)
 
     def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         cfg = self.config
@@ -445,7 +467,7 @@ class Experiment:
             if self._loop_active:  # after pause(wait=False) the step in flight ends first
                 paused = lambda: self.state in WAITING or not self._loop_active  # noqa: E731
                 self._cond.wait_for(paused, timeout)
-            target, divergences = self.step_count + 1, self._divergences
+            target = self.step_count + 1  # a step refused as non-finite counts too
             if self._loop_active:
                 self._single_steps += 1
                 self._cond.notify_all()
@@ -455,12 +477,7 @@ class Experiment:
                 self._begin(self.config.epochs)
                 self._launch()
             self._cond.wait_for(
-                lambda: (
-                    self.step_count >= target
-                    or self._divergences > divergences
-                    or not self._loop_active
-                ),
-                timeout,
+                lambda: self.step_count >= target or not self._loop_active, timeout
             )
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -512,10 +529,9 @@ class Experiment:
         config = make_config({**dataclasses.asdict(before), **changes})
         self.stop()
         with self._cond:
-            if (config.seed, config.val_fraction) != (self.config.seed, self.config.val_fraction):
-                self.data = prepare(
-                    self._data_arg, val_fraction=config.val_fraction, seed=config.seed
-                )
+            split_keys = ("seed", "val_fraction", "train_size", "label_noise")
+            if any(getattr(config, k) != getattr(before, k) for k in split_keys):
+                self.data = self._prepare(config)
             self._check_fits(config, changes)
             self.config = config
             self._pause_requested = False
@@ -528,6 +544,38 @@ class Experiment:
             if changed:
                 text = ", ".join(f"{k}={_format(getattr(config, k))}" for k in changed)
                 self._event("restart", f"restart: {text}", changed)
+
+    def extend(self, epochs: int) -> None:
+        """Train `epochs` more: the run going now trains longer, or a new run starts."""
+        epochs = self._check_epochs(epochs)
+        with self._cond:
+            if self._loop_active:
+                self._target_epoch += epochs
+                self._event(
+                    "change",
+                    f"train {epochs} epochs longer",
+                    {
+                        "name": "epochs",
+                        "old": self._target_epoch - epochs,
+                        "new": self._target_epoch,
+                    },
+                )
+                return
+        self.start(epochs)
+
+    def load_preset(self, name: str, seed: int | None = None) -> None:
+        """Start over as the preset `name` (a new run), everything else at its default."""
+        config = preset_config(name)
+        config["seed"] = self.config.seed if seed is None else seed
+        self.stop()
+        defaults = dataclasses.asdict(Config())
+        self.restart(**{**defaults, **config})
+        self.preset = name
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The challenges the detectors see now (see `nbtrain.diagnosis`)."""
+        return list(self.diagnosis.standing.values())
 
     @property
     def running(self) -> bool:
@@ -647,12 +695,16 @@ class Experiment:
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
+        if self._boundary_calls:
+            self._run_boundary_calls()
         if not (self._pause_requested or self._stop_requested) and self.state == "running":
             return True  # the common case, without the lock
         # Note: a paused run resumed while its single step was still finishing arrives here
         # with no pause requested; it must still become "running" and record the resume.
         with self._cond:
             while True:
+                if self._boundary_calls:
+                    self._run_boundary_calls()
                 if self._stop_requested:
                     return False
                 if not self._pause_requested:
@@ -670,6 +722,13 @@ class Experiment:
                         self.state, self.error = "paused", None
                     return True
                 self._cond.wait()
+
+    def _run_boundary_calls(self) -> None:
+        with self._cond:
+            calls, self._boundary_calls = self._boundary_calls, []
+            for call in calls:
+                call()  # never raises: at_boundary() hands its outcome to the caller
+            self._cond.notify_all()
 
     def _batch_bounds(self) -> list[tuple[int, int]]:
         n, size = len(self.data.y_train), self.config.batch_size
@@ -690,7 +749,7 @@ class Experiment:
         return self.data.x_train[index], self.data.y_train[index]
 
     def _train_step(self) -> bool:
-        """One optimizer step; False if it was refused as non-finite (the run then diverged)."""
+        """One step; False if it was refused as non-finite (no update; the run diverged)."""
         # Changes queued by set() land here, between steps, all at once.
         if self._pending:
             self._apply_pending()
@@ -719,34 +778,43 @@ class Experiment:
         # NaN or inf anywhere shows in the loss or the total norm.
         stats = self.probe.measure()
         values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
-        if not (math.isfinite(values[0]) and math.isfinite(values[1])) and self._diverge(values):
-            return False
-        if cfg.clip is not None:
-            nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, stats[0])
+        finite = math.isfinite(values[0]) and math.isfinite(values[1])
+        refused = not finite and self._diverge(values)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        self.optimizer.step()
-        if self.scheduler is not None and cfg.schedule != "plateau" and self._schedule_left > 0:
-            self.scheduler.step()
-            self._schedule_left -= 1
-        self.step_count += 1
+        if not refused:
+            if cfg.clip is not None:
+                nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, stats[0])
+            self.optimizer.step()
+            if (
+                self.scheduler is not None
+                and cfg.schedule != "plateau"
+                and self._schedule_left > 0
+            ):
+                self.scheduler.step()
+                self._schedule_left -= 1
+        self.step_count += 1  # a refused step counts: its row keeps the non-finite values
 
         # Record.
         values.insert(1, lr)
         self.history.record_row(
             "step", self.step_count, self.epoch_count, self._step_columns, values
         )
+        if refused:
+            self.diagnosis.check(self)  # the detectors see the non-finite row at once
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
                 self._cond.notify_all()  # step() is waiting for this step
-        return True
+        return not refused
 
     def _diverge(self, values: list[float]) -> bool:
         """Refuse a step whose loss or gradients are not finite, and pause the run.
 
         The optimizer does not step, so the weights (and, with batch norm, the running
-        statistics) stay those of the last finite step; the batch is skipped. False if
-        nothing had a gradient at all (a NaN total norm then means "no gradient").
+        statistics) stay those of the last finite step. The step still counts and its row
+        is recorded, non-finite values and all, so the plots show a gap there and the
+        detectors see it. False if nothing had a gradient at all (a NaN total norm then
+        means "no gradient").
         """
         loss, total = values[0], values[1]
         layer = self.probe.first_nonfinite()
@@ -766,7 +834,6 @@ class Experiment:
             "applied. Lower the learning rate or switch clipping on, then resume or run again."
         )
         with self._cond:
-            self._divergences += 1
             self._pause_requested = True
             self._single_steps = 0
             self.state, self.error, self.exception = "diverged", message, None
@@ -832,6 +899,82 @@ class Experiment:
             self.model, self.probe_layers, self.model.activations(), probe_x, self.step_count
         )
 
+    # Runs, forks and checkpoints (nbtrain.runs, nbtrain.checkpoint)
+
+    @property
+    def run_id(self) -> int:
+        """The id of the current run in `runs`."""
+        return self.current_run.id
+
+    def at_boundary(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Call `fn()` between two steps and return what it returns.
+
+        While a run is going, the training thread calls it at its next step boundary (a
+        paused run is waiting at one) and this thread waits; otherwise it is called now.
+        From inside an observer, that is from the training thread mid-step, it is refused:
+        the state there is half-way through a step.
+        """
+        with self._cond:
+            if self._loop_active and threading.current_thread() is self._loop_thread:
+                raise RuntimeError(
+                    "fork(), save() and at_boundary() cannot run inside an observer, mid-step; "
+                    "call them from another thread or between runs"
+                )
+            if not self._loop_active:
+                return fn()
+            box: dict[str, Any] = {}
+
+            def call() -> None:
+                try:
+                    box["value"] = fn()
+                except BaseException as exc:  # handed to the caller, never to the run
+                    box["error"] = exc
+
+            self._boundary_calls.append(call)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: bool(box) or not self._loop_active, timeout)
+            if not box:
+                if call in self._boundary_calls:
+                    self._boundary_calls.remove(call)
+                if self._loop_active:
+                    raise TimeoutError(f"no step boundary came within {timeout} s")
+                return fn()  # the run ended first: now is between steps
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def fork(self, **changes: Any) -> Experiment:
+        """A new experiment that continues this one from its current step, with `changes`.
+
+        It copies the model, optimizer, data order, RNG and history at the next step
+        boundary, then applies `changes` (the live settings, ``epochs``, ``eval_every``)
+        as change events at the first step it runs. It joins this experiment's `runs` with
+        a ``parent`` link; it does not start by itself. This experiment is not touched.
+        """
+        from . import checkpoint
+
+        return checkpoint.fork(self, changes)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a checkpoint that `Experiment.load` resumes exactly (see nbtrain.checkpoint).
+
+        The file reads with ``torch.load(path, weights_only=True)``; it is written to a
+        temporary file beside `path` and moved into place, so it is never half-written.
+        """
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Experiment:
+        """The experiment saved at `path`, ready to resume: its step count continues.
+
+        Files that would need arbitrary unpickling are refused with a ValueError.
+        """
+        from . import checkpoint
+
+        return checkpoint.load(path)
+
     # Presentation
 
     def summary(self) -> dict[str, Any]:
@@ -876,3 +1019,8 @@ def evaluate(
         model.train(was_training)
     n = max(len(y), 1)
     return total_loss.item() / n, correct.item() / n
+
+
+def _diagnose_every(experiment: Experiment, _: Any) -> None:
+    if experiment.step_count % CHECK_EVERY == 0:
+        experiment.diagnosis.check(experiment)

@@ -23,8 +23,10 @@ from ..config import LIVE_KEYS
 from ..engine import WAITING, Experiment
 from ..optim import OWNS_LR
 from .controls import MoreControls, log_bounds
+from .diagnosis import DiagnosisArea
 from .inspect import InitInspector, InternalsView
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
+from .runs import RunsPanel
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Dashboard(w.VBox):
         self._seen: tuple | None = None
         self._wake = threading.Event()
         self._closed = False
+        self._syncing = False
 
         cfg = experiment.config
         self.status = w.HTML()
@@ -85,11 +88,11 @@ class Dashboard(w.VBox):
             description="Stop", icon="stop", button_style="danger", layout=BUTTON
         )
         self.reset_button = w.Button(description="Reset", icon="undo", layout=BUTTON)
-        self.start_button.on_click(self._guard(lambda _: experiment.start()))
+        self.start_button.on_click(self._guard(lambda _: self.experiment.start()))
         self.pause_button.on_click(self._guard(self._pause_or_resume))
-        self.step_button.on_click(self._guard(lambda _: experiment.step()))
-        self.stop_button.on_click(self._guard(lambda _: experiment.stop()))
-        self.reset_button.on_click(self._guard(lambda _: experiment.reset()))
+        self.step_button.on_click(self._guard(lambda _: self.experiment.step()))
+        self.stop_button.on_click(self._guard(lambda _: self.experiment.stop()))
+        self.reset_button.on_click(self._guard(lambda _: self.experiment.reset()))
 
         # Live switches: they express intent; the readouts beside them show what is in force.
         self.dropout_toggle = w.ToggleButton(
@@ -146,11 +149,16 @@ class Dashboard(w.VBox):
         for widget in (self.dropout_toggle, self.dropout_rate):
             widget.observe(self._guard(self._send_dropout), names="value")
         self.batchnorm_toggle.observe(
-            self._guard(lambda c: experiment.set(batchnorm=c["new"])), names="value"
+            self._guard(lambda c: self.experiment.set(batchnorm=c["new"])), names="value"
         )
         for widget in (self.clip_toggle, self.clip_norm):
             widget.observe(self._guard(self._send_clip), names="value")
-        self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
+        self.lr_slider.observe(
+            self._guard(lambda c: self.experiment.set(lr=c["new"])), names="value"
+        )
+
+        # Diagnosis: standing findings with their remedies, and the preset menu
+        self.diagnosis = DiagnosisArea(experiment, self._guard)
 
         # Further knobs and views, in tabs below the switches
         self.more = MoreControls(experiment, self._guard, self.readouts)
@@ -167,6 +175,9 @@ class Dashboard(w.VBox):
         self.loss = LossFigure()
         self.accuracy = AccuracyFigure()
         self.gradients = GradientFigures(experiment.probe.layer_names)
+
+        # Runs of the session: table, overlays, fork, export, checkpoints (panel/runs.py)
+        self.runs_panel = RunsPanel(self)
 
         # Failures
         self.error_area = w.HTML(layout=w.Layout(display="none"))
@@ -198,7 +209,17 @@ class Dashboard(w.VBox):
             layout=w.Layout(grid_template_columns="repeat(2, minmax(320px, 1fr))"),
         )
         super().__init__(
-            [buttons, self.status, self.progress, switches, self.tabs, self.error_area, self.plots]
+            [
+                buttons,
+                self.status,
+                self.progress,
+                switches,
+                self.diagnosis.widget,
+                self.tabs,
+                self.error_area,
+                self.plots,
+                self.runs_panel,
+            ]
         )
         self.add_class("nbtrain-dashboard")
 
@@ -226,6 +247,8 @@ class Dashboard(w.VBox):
         """Run a control's handler; a failure is shown in the panel and logged, not lost."""
 
         def guarded(arg: Any) -> None:
+            if self._syncing:
+                return  # attach() is showing another experiment's settings: nothing to send
             try:
                 handler(arg)
             except Exception as exc:
@@ -251,6 +274,44 @@ class Dashboard(w.VBox):
     def _on_run_ended(self, experiment: Experiment, outcome: Any) -> None:
         self.refresh()
 
+    def attach(self, experiment: Experiment) -> None:
+        """Drive `experiment` from now on: a fork, or a loaded checkpoint, of the same layers.
+
+        The switches take its settings (sending them changes nothing, as they are in
+        force); the experiment driven before keeps going if it was, and stays in the table.
+        """
+        if experiment.probe.layer_names != self.gradients.layer_names:
+            raise ValueError(
+                f"experiment must have the layers {self.gradients.layer_names} to be shown in "
+                f"this panel, got {experiment.probe.layer_names}; open a new Dashboard for it"
+            )
+        with self._lock:
+            self.experiment.off("run_ended", self._on_run_ended)
+            self.experiment = experiment
+            for part in (self.more, self.internals, self.inspector, self.diagnosis):
+                part.experiment = experiment
+            experiment.on("run_ended", self._on_run_ended)
+            live = experiment.in_force
+            self._syncing = True
+            try:
+                self._show_settings(live)
+            finally:
+                self._syncing = False
+            self.loss._marked = self.accuracy._marked = -1  # redraw the change markers
+            self.runs_panel.reset_form()
+        self.refresh()
+
+    def _show_settings(self, live: dict[str, Any]) -> None:
+        """Put the switches to `live` (sending nothing: `_syncing` holds the handlers)."""
+        if live["dropout"]:
+            self.dropout_rate.value = live["dropout"]
+        self.dropout_toggle.value = live["dropout"] > 0
+        self.batchnorm_toggle.value = live["batchnorm"]
+        if live["clip"] is not None:
+            self.clip_norm.value = live["clip"]
+        self.clip_toggle.value = live["clip"] is not None
+        self.lr_slider.value = live["lr"]
+
     # Display (any thread, serialized by the lock)
 
     def _fingerprint(self) -> tuple:
@@ -267,6 +328,8 @@ class Dashboard(w.VBox):
             self.internals.layer.value,
             self.internals.kind.value,
             id(exp.internals),
+            tuple((f.challenge, f.evidence) for f in exp.findings),
+            self.runs_panel.fingerprint(),
         )
 
     def refresh(self) -> None:
@@ -282,9 +345,11 @@ class Dashboard(w.VBox):
             self.loss.update(view)
             self.accuracy.update(view)
             self.gradients.update(view)
+            self.runs_panel.refresh()
             self._update_status()
             self._update_controls()
             self.more.show_in_force()
+            self.diagnosis.update()
             now = time.perf_counter()
             if (
                 self.tabs.selected_index == 3

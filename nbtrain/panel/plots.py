@@ -20,6 +20,19 @@ from ..history import Event, History
 TRAIN, VAL = "#1f77b4", "#ff7f0e"
 LAYER_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 MARKER_COLOR = "#555555"
+# Other runs overlaid on the figures: apart from the current run's blue, orange and greens.
+OVERLAY_COLORS = [
+    "#000000",
+    "#e6194b",
+    "#3cb44b",
+    "#911eb4",
+    "#f58231",
+    "#42d4f4",
+    "#f032e6",
+    "#9a6324",
+    "#808000",
+    "#469990",
+]
 SMOOTHING = 0.9  # EMA weight of the past for the train-loss line
 
 
@@ -99,6 +112,39 @@ def _positive(values: np.ndarray) -> np.ndarray:
     return np.where(values > 0, values, np.nan)
 
 
+class Overlay:
+    """Other runs drawn over a figure: one line each, in its own colour, named in the legend.
+
+    `update()` takes (label, colour, steps, values) per run; runs of different lengths are
+    padded with gaps to one 2-D array, as a bqplot Lines mark wants.
+    """
+
+    def __init__(self, scales: dict, positive: bool = False) -> None:
+        self.mark = bq.Lines(
+            x=[], y=[], scales=scales, display_legend=True, stroke_width=1.5, opacities=[0.9]
+        )
+        self._clean = _positive if positive else _finite
+        self.labels: list[str] = []
+
+    def update(self, lines: list[tuple[str, str, np.ndarray, np.ndarray]]) -> None:
+        with self.mark.hold_sync():
+            if not lines:
+                self.mark.x, self.mark.y, self.mark.labels = [], [], []
+                self.labels = []
+                return
+            # At least 2 points: bqplot squeezes a 1x1 array to a scalar, which it refuses.
+            width = max(2, *(len(x) for _, _, x, _ in lines))
+            xs = np.zeros((len(lines), width), dtype=np.int32)
+            ys = np.full((len(lines), width), np.nan, dtype=np.float32)
+            for i, (_, _, x, y) in enumerate(lines):
+                if len(x):
+                    xs[i, : len(x)], xs[i, len(x) :] = x, x[-1]
+                    ys[i, : len(y)] = self._clean(y)
+            self.mark.x, self.mark.y = xs, ys
+            self.mark.colors = [color for _, color, _, _ in lines]
+            self.mark.labels = self.labels = [label for label, _, _, _ in lines]
+
+
 class _MarkedFigure:
     """A figure over steps whose change events are drawn as labelled vertical lines."""
 
@@ -173,7 +219,15 @@ class LossFigure(_MarkedFigure):
             bq.Axis(scale=self.x_scale, label="step"),
             bq.Axis(scale=y, side="left", label="loss", tick_format=".2f"),
         ]
-        marks = [self.raw, self.smoothed, self.val, self.marker_lines, self.marker_labels]
+        self.overlay = Overlay(scales)
+        marks = [
+            self.raw,
+            self.smoothed,
+            self.val,
+            self.overlay.mark,
+            self.marker_lines,
+            self.marker_labels,
+        ]
         self.figure = _figure("Loss", marks, axes)
 
     def update(self, view: View) -> None:
@@ -219,7 +273,8 @@ class AccuracyFigure(_MarkedFigure):
             bq.Axis(scale=self.x_scale, label="step"),
             bq.Axis(scale=y, side="left", label="accuracy", tick_format=".0%"),
         ]
-        marks = [self.train, self.val, self.marker_lines, self.marker_labels]
+        self.overlay = Overlay(scales)
+        marks = [self.train, self.val, self.overlay.mark, self.marker_lines, self.marker_labels]
         self.figure = _figure("Accuracy (full sets, eval mode)", marks, axes)
         self.figure.legend_location = "bottom-right"
 
@@ -265,9 +320,10 @@ class GradientFigures:
             labels=layer_names,
             display_legend=True,
         )
+        self.overlay = Overlay({"x": self.x_scale, "y": norm_y}, positive=True)
         self.norm_figure = _figure(
             "Per-layer gradient L2 norm",
-            [self.norms],
+            [self.norms, self.overlay.mark],
             [
                 bq.Axis(scale=self.x_scale, label="step"),
                 bq.Axis(scale=norm_y, side="left", label="‖g‖", tick_format=".0e"),

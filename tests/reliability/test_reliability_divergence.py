@@ -74,24 +74,30 @@ def test_a_nan_loss_pauses_the_run_and_the_step_is_not_applied(exp):
     wait_for(lambda: exp.state == "diverged")
 
     assert fired == [5]
-    assert exp.running and exp.step_count == 4 and len(exp.history) == 4
+    assert exp.running and exp.step_count == 5 and len(exp.history) == 5
+    assert np.isnan(exp.history.series("train_loss")[1][-1])  # the refused step is a gap
     assert exp.error.startswith("diverged at step 5: loss nan, first non-finite gradient in ")
     assert exp.exception is None
     for before, now in zip(saved["params"], exp.model.parameters(), strict=True):
         assert torch.equal(before, now)
-    event = exp.history.events[-1]
-    assert (event.kind, event.step, event.label) == ("diverged", 5, "diverged at step 5")
+    event = [e for e in exp.history.events if e.kind == "diverged"][-1]
+    assert (event.step, event.label) == (5, "diverged at step 5")
     assert np.isnan(event.detail["loss"])
     time.sleep(0.05)
-    assert exp.step_count == 4  # it really is paused
+    assert exp.step_count == 5  # it really is paused
 
     exp.resume()
     assert exp.wait(30) and exp.state == "finished" and exp.error is None
     steps = exp.history.series("train_loss")[0]
     assert np.all(np.diff(steps) == 1) and steps[0] == 1  # no gap, no repeat in step numbers
-    assert len(exp.history) == 3 * exp.steps_per_epoch - 1  # the poisoned batch was skipped
-    kinds = [e.kind for e in exp.history.events]
+    assert len(exp.history) == 3 * exp.steps_per_epoch  # the refused step counts as one
+    loss = exp.history.series("train_loss")[1]
+    assert np.isnan(loss[4]) and np.isfinite(np.delete(loss, 4)).all()
+    kinds = [e.kind for e in exp.history.events if e.kind != "finding"]
     assert kinds == ["started", "diverged", "resumed", "finished"]
+    assert "exploding" in {
+        e.detail["challenge"] for e in exp.history.events if e.kind == "finding"
+    }
 
 
 def test_the_message_names_the_first_layer_in_network_order(exp):
@@ -101,7 +107,8 @@ def test_the_message_names_the_first_layer_in_network_order(exp):
     wait_for(lambda: exp.state == "diverged")
     assert "loss " in exp.error and "loss nan" not in exp.error  # the loss itself was finite
     assert "first non-finite gradient in hidden2;" in exp.error
-    assert exp.history.events[-1].detail["layer"] == "hidden2"
+    diverged = [e for e in exp.history.events if e.kind == "diverged"]
+    assert len(diverged) == 1 and diverged[0].detail["layer"] == "hidden2"
 
 
 def test_batchnorm_running_statistics_keep_their_last_finite_values(small_data):
@@ -112,7 +119,7 @@ def test_batchnorm_running_statistics_keep_their_last_finite_values(small_data):
     exp.start()
     try:
         wait_for(lambda: exp.state == "diverged")
-        assert exp.step_count == 3
+        assert exp.step_count == 4
         for before, now in zip(saved["buffers"], exp.model.buffers(), strict=True):
             assert torch.equal(before, now)
         assert torch.isfinite(block.norm.running_var).all()
@@ -132,9 +139,9 @@ def test_lowering_lr_and_switching_clipping_on_while_diverged_apply_at_the_resum
     exp.start()  # Start on a diverged run resumes it
     assert exp.wait(30) and exp.state == "finished"
     changes = {e.detail["name"]: e.step for e in exp.history.changes()}
-    assert changes == {"lr": 6, "clip": 6}  # the first step that ran: 6 was refused, then 6 ran
+    assert changes == {"lr": 7, "clip": 7}  # step 6 was refused; 7 is the first to run anew
     steps, lr = exp.history.series("lr")
-    assert np.all(lr[steps < 6] == 1e-3) and np.all(lr[steps >= 6] == 1e-4)
+    assert np.all(lr[steps < 7] == 1e-3) and np.all(lr[steps >= 7] == 1e-4)
 
 
 def test_step_on_a_diverged_run_tries_one_step_and_stays_paused(exp):
@@ -142,7 +149,7 @@ def test_step_on_a_diverged_run_tries_one_step_and_stays_paused(exp):
     exp.start()
     wait_for(lambda: exp.state == "diverged")
     exp.step()
-    assert exp.step_count == 2 and exp.state == "paused" and exp.error is None
+    assert exp.step_count == 3 and exp.state == "paused" and exp.error is None
     exp.stop()
     assert exp.state == "stopped"
 
@@ -153,13 +160,13 @@ def test_step_returns_when_its_step_diverges(exp):
     started = time.monotonic()
     exp.step()
     assert time.monotonic() - started < 10  # not the 30 s timeout
-    assert exp.state == "diverged" and exp.step_count == 1
+    assert exp.state == "diverged" and exp.step_count == 2
 
 
 def test_a_blocking_run_ends_as_diverged_and_a_second_run_continues(exp):
     poison_output(exp, exp.model.blocks[0].linear, at_step=3)
     exp.run()  # returns: nobody could resume a run that blocks its caller
-    assert exp.state == "diverged" and not exp.running and exp.step_count == 2
+    assert exp.state == "diverged" and not exp.running and exp.step_count == 3
     assert "diverged at step 3" in exp.error
     exp.run(epochs=1)
     assert exp.state == "finished" and exp.error is None
@@ -171,7 +178,10 @@ def test_a_genuine_blow_up_is_caught_before_the_weights_turn_non_finite(small_da
     exp.run()
     assert exp.state == "diverged"
     assert all(torch.isfinite(p).all() for p in exp.model.parameters())
-    assert np.isfinite(exp.history.series("train_loss")[1]).all()
+    steps, grad_norm = exp.history.series("grad_norm")
+    assert not np.isfinite(grad_norm[-1]) and np.isfinite(grad_norm[:-1]).all()
+    diverged = [e for e in exp.history.events if e.kind == "diverged"]
+    assert diverged[-1].step == steps[-1] == exp.step_count
 
 
 def test_the_panel_shows_the_divergence_and_resumes_from_its_button(exp):
