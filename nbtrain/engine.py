@@ -800,6 +800,7 @@ class Experiment:
             "step", self.step_count, self.epoch_count, self._step_columns, values
         )
         if refused:
+            self._enter_diverged()
             self.diagnosis.check(self)  # the detectors see the non-finite row at once
         self._emit("step_completed")
         if self._pause_requested:
@@ -833,18 +834,22 @@ class Experiment:
             f"diverged at step {self.step_count + 1}: loss {loss:g}, {where}; the step was not "
             "applied. Lower the learning rate or switch clipping on, then resume or run again."
         )
+        self._divergence = (message, {"loss": loss, "grad_norm": total, "layer": layer})
+        return True
+
+    def _enter_diverged(self) -> None:
+        """Pause as "diverged", once the refused step is counted and recorded."""
+        message, detail = self._divergence
+        label = f"diverged at step {self.step_count}"
         with self._cond:
             self._pause_requested = True
             self._single_steps = 0
             self.state, self.error, self.exception = "diverged", message, None
-            self._event(
-                "diverged",
-                f"diverged at step {self.step_count + 1}",
-                {"loss": loss, "grad_norm": total, "layer": layer},
+            self.history.add_event(
+                Event(self.step_count, self.epoch_count + 1, "diverged", label, detail)
             )
             self._cond.notify_all()
         log.warning("%s", message)
-        return True
 
     def _evaluate(self) -> None:
         metrics = {}

@@ -162,14 +162,15 @@ class Dashboard(w.VBox):
 
         # Further knobs and views, in tabs below the switches
         self.more = MoreControls(experiment, self._guard, self.readouts)
-        self.internals = InternalsView(experiment)
-        self.inspector = InitInspector(experiment)
+        # Note: the last two tabs are built when first opened; a bqplot figure drawn while
+        # hidden gets a negative size and fills the browser console with errors.
+        self._internals: InternalsView | None = None
+        self._inspector: InitInspector | None = None
         self.tabs = self.more.tab
-        self.tabs.children = [*self.tabs.children, self.internals.widget, self.inspector.widget]
+        self.tabs.children = [*self.tabs.children, w.VBox(), w.VBox()]
         self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
         self._internals_at = 0.0
-        for widget in (self.tabs, self.internals.layer, self.internals.kind):
-            widget.observe(lambda _: self._wake.set(), names=["selected_index", "value"])
+        self.tabs.observe(self._open_tab, names="selected_index")
 
         # Plots
         self.loss = LossFigure()
@@ -231,12 +232,46 @@ class Dashboard(w.VBox):
         self._poller.start()
 
     def _figures(self) -> list[w.Widget]:
-        return [
+        """The four live figures, in order; their DOM class lets a browser test find them."""
+        figures = [
             self.loss.figure,
             self.accuracy.figure,
             self.gradients.bar_figure,
             self.gradients.norm_figure,
         ]
+        for figure in figures:
+            figure.add_class("nbtrain-main-figure")
+        return figures
+
+    @property
+    def internals(self) -> InternalsView:
+        """The Internals tab (built on first use)."""
+        if self._internals is None:
+            self._internals = InternalsView(self.experiment)
+            for widget in (self._internals.layer, self._internals.kind):
+                widget.observe(lambda _: self._wake.set(), names="value")
+            self._set_tab(3, self._internals.widget)
+        return self._internals
+
+    @property
+    def inspector(self) -> InitInspector:
+        """The Init inspector tab (built on first use)."""
+        if self._inspector is None:
+            self._inspector = InitInspector(self.experiment)
+            self._set_tab(4, self._inspector.widget)
+        return self._inspector
+
+    def _set_tab(self, index: int, widget: w.Widget) -> None:
+        children = list(self.tabs.children)
+        children[index] = widget
+        self.tabs.children = children
+
+    def _open_tab(self, change: dict) -> None:
+        if change["new"] == 3:
+            self.internals  # noqa: B018  (builds it)
+        elif change["new"] == 4:
+            self.inspector  # noqa: B018
+        self._wake.set()
 
     def __repr__(self) -> str:
         return "nbtrain.Dashboard"  # Note: nbval compares this text; no live values here.
@@ -288,8 +323,9 @@ class Dashboard(w.VBox):
         with self._lock:
             self.experiment.off("run_ended", self._on_run_ended)
             self.experiment = experiment
-            for part in (self.more, self.internals, self.inspector, self.diagnosis):
-                part.experiment = experiment
+            for part in (self.more, self._internals, self._inspector, self.diagnosis):
+                if part is not None:
+                    part.experiment = experiment
             experiment.on("run_ended", self._on_run_ended)
             live = experiment.in_force
             self._syncing = True
@@ -325,8 +361,7 @@ class Dashboard(w.VBox):
             exp.error,
             repr(exp.pending),
             self.tabs.selected_index,
-            self.internals.layer.value,
-            self.internals.kind.value,
+            self._internals and (self._internals.layer.value, self._internals.kind.value),
             id(exp.internals),
             tuple((f.challenge, f.evidence) for f in exp.findings),
             self.runs_panel.fingerprint(),
@@ -340,7 +375,8 @@ class Dashboard(w.VBox):
             if exp.probe.layer_names != self.gradients.layer_names:  # restarted, new depth
                 self.gradients = GradientFigures(exp.probe.layer_names)
                 self.plots.children = self._figures()
-                self.internals.layer.options = exp.probe.layer_names
+                if self._internals is not None:
+                    self._internals.layer.options = exp.probe.layer_names
             view = View(exp.history, exp.probe.layer_names, self.max_points)
             self.loss.update(view)
             self.accuracy.update(view)
@@ -353,10 +389,11 @@ class Dashboard(w.VBox):
             now = time.perf_counter()
             if (
                 self.tabs.selected_index == 3
+                and self._internals is not None
                 and now - self._internals_at >= 1 / InternalsView.rate
             ):
                 self._internals_at = now
-                self.internals.update()
+                self._internals.update()
             if exp.error:
                 self._show_error(exp.error, diverged=exp.state == "diverged")
             elif self.error_area.layout.display != "none":

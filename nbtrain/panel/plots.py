@@ -145,6 +145,31 @@ class Overlay:
             self.mark.labels = self.labels = [label for label, _, _, _ in lines]
 
 
+def _fit_log_axis(scale: bq.LogScale, axis: bq.Axis, values: np.ndarray) -> bool:
+    """Pin a log scale to the whole decades around `values`, one tick a decade or fewer.
+
+    Two reasons: bqplot's grouped bars compute no domain of their own on a log scale (the
+    bars stay empty), and the default log ticks (1, 2, 5 each decade) overlap at this height.
+    Returns whether the scale changed.
+    """
+    values = values[np.isfinite(values) & (values > 0)]
+    if not values.size:
+        return False
+    low = int(np.floor(np.log10(values.min())))
+    high = max(int(np.ceil(np.log10(values.max()))), low + 1)
+    if (scale.min, scale.max) == (10.0**low, 10.0**high):
+        return False
+    _set_decades(scale, axis, low, high)
+    return True
+
+
+def _set_decades(scale: bq.LogScale, axis: bq.Axis, low: int, high: int) -> None:
+    every = -(-(high - low) // 6)  # at most about seven ticks
+    with scale.hold_sync(), axis.hold_sync():
+        scale.min, scale.max = 10.0**low, 10.0**high
+        axis.tick_values = 10.0 ** np.arange(low, high + 1, every)
+
+
 class _MarkedFigure:
     """A figure over steps whose change events are drawn as labelled vertical lines."""
 
@@ -292,42 +317,45 @@ class GradientFigures:
     def __init__(self, layer_names: list[str]) -> None:
         self.layer_names = layer_names
         colors = [LAYER_COLORS[i % len(LAYER_COLORS)] for i in range(len(layer_names))]
-        bar_y = bq.LogScale()
+        self.bar_scale = bq.LogScale()
+        # Note: bars start empty, not NaN: one NaN leaves bqplot's bars view blank for good.
         self.bars = bq.Bars(
-            x=layer_names,
-            y=np.full((2, len(layer_names)), np.nan, dtype=np.float32),
-            scales={"x": bq.OrdinalScale(), "y": bar_y},
+            x=[],
+            y=np.zeros((2, 0), dtype=np.float32),
+            scales={"x": bq.OrdinalScale(), "y": self.bar_scale},
             type="grouped",
             colors=["#7f7f7f", "#d62728"],
             labels=["mean |g|", "max |g|"],
             display_legend=True,
+            base=1e-3,  # Note: bars grow from `base`; the default 0 has no place on a log axis
         )
+        self.bar_axis = bq.Axis(
+            scale=self.bar_scale, side="left", label="|gradient|", tick_format=".0e"
+        )
+        _set_decades(self.bar_scale, self.bar_axis, -3, 0)
         self.bar_figure = _figure(
             "Gradient flow (last 20 steps)",
             [self.bars],
-            [
-                bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"),
-                bq.Axis(scale=bar_y, side="left", label="|gradient|", tick_format=".0e"),
-            ],
+            [bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"), self.bar_axis],
         )
         self.x_scale = bq.LinearScale(min=0)
-        norm_y = bq.LogScale()
+        self.norm_scale = bq.LogScale()
         self.norms = bq.Lines(
             x=[],
             y=[],
-            scales={"x": self.x_scale, "y": norm_y},
+            scales={"x": self.x_scale, "y": self.norm_scale},
             colors=colors,
             labels=layer_names,
             display_legend=True,
         )
-        self.overlay = Overlay({"x": self.x_scale, "y": norm_y}, positive=True)
+        self.norm_axis = bq.Axis(
+            scale=self.norm_scale, side="left", label="‖g‖", tick_format=".0e"
+        )
+        self.overlay = Overlay({"x": self.x_scale, "y": self.norm_scale}, positive=True)
         self.norm_figure = _figure(
             "Per-layer gradient L2 norm",
             [self.norms, self.overlay.mark],
-            [
-                bq.Axis(scale=self.x_scale, label="step"),
-                bq.Axis(scale=norm_y, side="left", label="‖g‖", tick_format=".0e"),
-            ],
+            [bq.Axis(scale=self.x_scale, label="step"), self.norm_axis],
         )
 
     def update(self, view: View) -> None:
@@ -351,7 +379,15 @@ class GradientFigures:
                 for name in self.layer_names
             )
         )
+        bars, norms = _positive(bars), _positive(np.array(ys))
+        rescaled = _fit_log_axis(self.bar_scale, self.bar_axis, bars)
         with self.bars.hold_sync(), self.norms.hold_sync():
-            self.bars.y = _positive(bars)
+            if not len(self.bars.x):
+                self.bars.x = self.layer_names
+            if rescaled:
+                self.bars.base = self.bar_scale.min
+            # A layer without a finite gradient gets a flat bar (a NaN would blank the view).
+            self.bars.y = np.where(np.isfinite(bars), bars, self.bar_scale.min).astype(np.float32)
             self.norms.x = np.array(xs, dtype=np.int32)
-            self.norms.y = _positive(np.array(ys))
+            self.norms.y = norms
+        _fit_log_axis(self.norm_scale, self.norm_axis, norms)
