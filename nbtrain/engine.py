@@ -3,7 +3,7 @@
 Pure PyTorch: nothing here imports ipywidgets or bqplot, so the engine runs in scripts, tests
 and CI as it does under the panel.
 
-Counting: ``step`` is the number of optimizer steps completed and ``epoch`` the number of
+Counting: ``step`` is the number of training steps completed and ``epoch`` the number of
 epochs completed, both starting at 0; history rows for step N are recorded after the N-th step.
 
 Cost: a step's row (loss and gradient statistics) stays on the device in a small buffer and
@@ -13,18 +13,23 @@ pause, a single step, the end of the run). So the history may trail `step_count`
 50 ms while a run goes, and a GPU run pays one host transfer per batch instead of one per step.
 An observer of "step_completed" is the exception: it may read the history, so with one
 attached every step is flushed before it is called.
+
+A step refused as non-finite (the run then diverged) counts too, though no update was made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
+import signal
 import threading
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -48,7 +53,10 @@ log = logging.getLogger(__name__)
 ROW_BUFFER = 256  # steps whose rows wait on the device before reaching the history
 FLUSH_SECONDS = 0.05  # the longest a finished step waits before it is in the history
 
-State = Literal["idle", "running", "paused", "finished", "stopped", "failed"]
+State = Literal["idle", "running", "paused", "diverged", "finished", "stopped", "failed"]
+
+# States in which a run is going but waiting at a step boundary for resume(), step() or stop().
+WAITING: tuple[str, ...] = ("paused", "diverged")
 
 # What observers can attach to with `Experiment.on()`. Callbacks run in the training thread,
 # between steps, and receive the experiment and a payload (the Event, for "change_applied").
@@ -91,12 +99,20 @@ class Experiment:
             torch.set_num_threads(self.config.threads)
         self._data_arg = data
         self.data: Split = self._prepare(self.config)
-        self._check_fits(self.config, {"skip": self.config.skip, "augment": self.config.augment})
+        self._check_fits(
+            self.config,
+            {
+                "skip": self.config.skip,
+                "augment": self.config.augment,
+                "batchnorm": self.config.batchnorm,
+            },
+        )
         self._internals_wanted = False
         self.internals: Internals | None = None
         self._cond = threading.Condition(threading.RLock())
         self._observers: dict[str, list[Callback]] = defaultdict(list)
         self._worker: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None  # the worker, or run()'s caller
         self._loop_active = False
         self._stop_requested = False
         self._pause_requested = False
@@ -136,6 +152,10 @@ class Experiment:
         self._early_stop_hit = False
         self._augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.probe = GradientProbe(self.model, self.model.named_layers())
+        # Batch norm's running statistics, saved before each step while batch norm is on, so
+        # a step refused as non-finite leaves no trace in them either.
+        self._buffers = [b for b in self.model.buffers()]
+        self._saved_buffers = [b.clone() for b in self._buffers]
         self._step_columns = ["train_loss", "lr", *self.probe.columns]
         self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
         self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -205,7 +225,7 @@ class Experiment:
 
     def _emit(self, name: str, payload: Any = None) -> None:
         # Note: an observer's exception is not caught here; it fails the run, visibly.
-        for callback in self._observers.get(name, ()):
+        for callback in list(self._observers.get(name, ())):  # on()/off() may run meanwhile
             callback(self, payload)
 
     # Live settings
@@ -238,7 +258,7 @@ class Experiment:
                 self._cond.notify_all()  # a step waiting on the old pace goes on the new one
             if not changes:
                 return
-        checked = check_changes(changes)
+        checked = check_changes(changes, self.config)
         with self._cond:
             after = {**dataclasses.asdict(self.config), **self._pending, **checked}
             self._check_fits(after, checked)
@@ -258,6 +278,12 @@ class Experiment:
             raise ValueError(
                 f"skip=True needs hidden blocks of equal input and output width, and "
                 f"hidden={get('hidden')} has none; use e.g. hidden=(64, 64, 64)"
+            )
+        n_train = len(self.data.y_train)
+        if changed.get("batchnorm") and n_train < 2:
+            raise ValueError(
+                f"batchnorm=True needs at least 2 training samples (batch norm cannot "
+                f"normalize a single sample), got a training split of {n_train}"
             )
         if changed.get("augment") and self.data.image_shape is None:
             raise ValueError(
@@ -336,27 +362,82 @@ class Experiment:
             if self._loop_active:
                 self.resume()
                 return
+        self._join_previous()
+        with self._cond:
+            if self._loop_active:  # another thread started a run meanwhile
+                self.resume()
+                return
             self._begin(epochs)
-            self._worker = threading.Thread(
-                target=self._loop, name="nbtrain-training", daemon=True
-            )
-            self._worker.start()
+            self._launch()
+
+    def _launch(self) -> None:
+        self._worker = threading.Thread(target=self._loop, name="nbtrain-training", daemon=True)
+        self._worker.start()
+
+    def _join_previous(self) -> None:
+        """Let a worker that has ended its run finish its last observers before a new one.
+
+        Called without the lock held: those observers (the panel's refresh) may need it.
+        """
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(30.0)
+            if worker.is_alive():
+                raise RuntimeError("the last run's run_ended observers are still busy after 30 s")
 
     def run(self, epochs: int | None = None) -> History:
         """Train `epochs` more epochs in this thread and return the history when done.
 
         For scripts and notebooks checked by nbval. Ctrl-C (KeyboardInterrupt) stops the run
-        cleanly, keeping the history and the model, and is then raised again.
+        cleanly, keeping the history and the model, and is then raised again: on the main
+        thread the first Ctrl-C asks for a stop at the next step boundary (a second one
+        interrupts at once); elsewhere, or raised by user code, it ends the run where it lands.
         """
         epochs = self._check_epochs(epochs)
+        self._refuse_if_running()
+        self._join_previous()
         with self._cond:
-            if self._loop_active:
-                raise RuntimeError(
-                    "a run is already going in the background; use wait() or stop() first"
-                )
+            self._refuse_if_running()
             self._begin(epochs)
-        self._loop()
+            self._worker = None
+        with self._ctrl_c_stops() as interrupted:
+            self._loop()
+        if interrupted:
+            raise KeyboardInterrupt
         return self.history
+
+    def _refuse_if_running(self) -> None:
+        if self._loop_active:
+            raise RuntimeError(
+                "a run is already going in the background; use wait() or stop() first"
+            )
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops(self) -> Iterator[list[bool]]:
+        """While run() blocks the main thread, turn the first SIGINT into a clean stop.
+
+        A KeyboardInterrupt raised wherever the interpreter happens to be can land inside
+        the bookkeeping that ends a run; a stop request lands at a step boundary instead.
+        """
+        interrupted: list[bool] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield interrupted
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def stop_at_boundary(signum: int, frame: Any) -> None:
+            interrupted.append(True)
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+            with self._cond:  # an RLock: fine even if this thread holds it already
+                self._stop_requested = True
+                self._cond.notify_all()  # a run paused from another thread stops too
+
+        signal.signal(signal.SIGINT, stop_at_boundary)
+        try:
+            yield interrupted
+        finally:
+            if signal.getsignal(signal.SIGINT) is stop_at_boundary:
+                signal.signal(signal.SIGINT, previous)
 
     def _check_epochs(self, epochs: int | None) -> int:
         if epochs is None:
@@ -382,23 +463,38 @@ class Experiment:
                 return
             self._pause_requested = True
             self._cond.notify_all()
-            if wait and threading.current_thread() is not self._worker:
+            if wait and threading.current_thread() is not self._loop_thread:
                 self._cond.wait_for(
-                    lambda: self.state == "paused" or not self._loop_active, timeout
+                    lambda: self.state in WAITING or not self._loop_active, timeout
                 )
 
     def resume(self) -> None:
+        """Continue a paused or diverged run (with whatever set() changed meanwhile)."""
         with self._cond:
             self._pause_requested = False
             self._single_steps = 0
             self._cond.notify_all()
 
     def step(self, timeout: float = 30.0) -> None:
-        """Run exactly one step and stay paused (starting a paused run if none is going)."""
+        """Run exactly one step and stay paused (starting a paused run if none is going).
+
+        Returns once the step is done, refused as diverged, or the run has ended.
+        """
+        if self._loop_active and threading.current_thread() is self._loop_thread:
+            raise RuntimeError("step() cannot run inside the training thread (an observer)")
         with self._cond:
             if self._loop_active and not self._pause_requested:
                 raise RuntimeError("step() works on a paused run; pause() first")
-            target = self.step_count + 1
+            launch = not self._loop_active
+        if launch:
+            self._join_previous()
+        with self._cond:
+            if self._loop_active and not self._pause_requested:
+                raise RuntimeError("step() works on a paused run; pause() first")
+            if self._loop_active:  # after pause(wait=False) the step in flight ends first
+                paused = lambda: self.state in WAITING or not self._loop_active  # noqa: E731
+                self._cond.wait_for(paused, timeout)
+            target = self.step_count + 1  # a step refused as non-finite counts too
             if self._loop_active:
                 self._single_steps += 1
                 self._cond.notify_all()
@@ -406,10 +502,7 @@ class Experiment:
                 self._pause_requested = True
                 self._single_steps = 1
                 self._begin(self.config.epochs)
-                self._worker = threading.Thread(
-                    target=self._loop, name="nbtrain-training", daemon=True
-                )
-                self._worker.start()
+                self._launch()
             self._cond.wait_for(
                 lambda: self.step_count >= target or not self._loop_active, timeout
             )
@@ -432,15 +525,26 @@ class Experiment:
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
             return not worker.is_alive()
-        return not self._loop_active
+        if self._loop_thread is threading.current_thread():
+            return not self._loop_active  # an observer cannot wait for its own run
+        with self._cond:  # a blocking run() going in another thread
+            return self._cond.wait_for(lambda: not self._loop_active, timeout)
 
     def reset(self) -> None:
         """Stop any run and start over: same seed, current settings, empty history."""
-        self.stop()
-        with self._cond:
-            self._pause_requested = False
-            self._single_steps = 0
-            self._build()
+        if self._loop_active and threading.current_thread() is self._loop_thread:
+            raise RuntimeError("reset() cannot run inside the training thread (an observer)")
+        while True:
+            self.stop()
+            if not self._join(30.0):
+                raise RuntimeError("the training thread did not stop within 30 s; not resetting")
+            with self._cond:
+                if self._loop_active:  # another thread started a run meanwhile: stop it too
+                    continue
+                self._pause_requested = False
+                self._single_steps = 0
+                self._build()
+                return
 
     def restart(self, **changes: Any) -> None:
         """Start over with changes to anything, architecture and initialization included.
@@ -550,7 +654,10 @@ class Experiment:
             while self.epoch_count < self._target_epoch:
                 if not self._take_turn():
                     break
-                self._train_step()
+                applied = self._train_step()
+                if not applied and self._worker is None:
+                    outcome = "diverged"  # run() blocks its caller: nobody could resume
+                    break
                 if self.step_count % CHECK_EVERY == 0:  # the detectors read the history
                     self._flush()
                     self.diagnosis.check(self)
@@ -558,7 +665,11 @@ class Experiment:
                     self.epoch_count += 1
                     self._evaluate()
                     self._emit("epoch_completed")
-                elif self.config.eval_every and self.step_count % self.config.eval_every == 0:
+                elif (
+                    applied
+                    and self.config.eval_every
+                    and self.step_count % self.config.eval_every == 0
+                ):
                     self._evaluate()
                 if self._early_stop_hit:
                     outcome = "finished"
@@ -574,21 +685,33 @@ class Experiment:
             log.error("run failed at step %d:\n%s", self.step_count, self.error)
         finally:
             self._flush()
-            self._rng_state = torch.get_rng_state()
-            self._run_ended_at = time.perf_counter()
-            self._restore_best()
-            with self._cond:
-                self._loop_active = False
-                self._pause_requested = False
-                self._single_steps = 0
-                self.state = outcome
-                self._apply_pending()  # a change that arrived as the run ended: now is a boundary
-                self._cond.notify_all()
-            label = outcome if not self.error else f"failed: {self.exception!r:.60}"
-            self._event(outcome, label)
-            self._emit("run_ended", outcome)
+            self._end_run(outcome)
         if interrupted:
             raise KeyboardInterrupt
+
+    def _end_run(self, outcome: State) -> None:
+        """Record the outcome, then tell observers; the event lands before any new run's."""
+        self._rng_state = torch.get_rng_state()
+        self._run_ended_at = time.perf_counter()
+        self._restore_best()
+        with self._cond:
+            if outcome not in ("failed", "diverged"):
+                self.error = None  # a divergence message is moot once the run is stopped
+            self._pause_requested = False
+            self._single_steps = 0
+            self.state = outcome
+            if outcome != "diverged":  # that event is recorded already, where it happened
+                label = outcome if outcome != "failed" else f"failed: {self.exception!r:.60}"
+                self._event(outcome, label)
+            self._apply_pending()  # a change that arrived as the run ended: now is a boundary
+            self._loop_active = False
+            self._cond.notify_all()
+        try:
+            self._emit("run_ended", outcome)
+        except Exception as exc:  # the run is over, but its last observer failed: show it
+            self.state, self.exception = "failed", exc
+            self.error = traceback.format_exc()
+            log.error("a run_ended observer failed:\n%s", self.error)
 
     def _restore_best(self) -> None:
         """With early stopping and restore_best, every run ends on its best weights."""
@@ -609,6 +732,8 @@ class Experiment:
             self._pace()
         if not (self._pause_requested or self._stop_requested) and self.state == "running":
             return True  # the common case, without the lock
+        # Note: a paused run resumed while its single step was still finishing arrives here
+        # with no pause requested; it must still become "running" and record the resume.
         with self._cond:
             while True:
                 if self._boundary_calls:
@@ -616,17 +741,19 @@ class Experiment:
                 if self._stop_requested:
                     return False
                 if not self._pause_requested:
-                    if self.state == "paused":
-                        self.state = "running"
+                    if self.state in WAITING:
+                        self.state, self.error = "running", None
                         self._event("resumed", "resume")
                     return True
-                if self.state != "paused":
-                    self._flush()
+                if self.state == "running":
+                    self._flush()  # a reader may look at a paused run: show every step
                     self.state = "paused"
                     self._event("paused", "pause")
                     self._cond.notify_all()
                 if self._single_steps > 0:
                     self._single_steps -= 1
+                    if self.state == "diverged":  # one step to try the new settings
+                        self.state, self.error = "paused", None
                     return True
                 self._cond.wait()
 
@@ -677,7 +804,8 @@ class Experiment:
         index = self._perm[start:end]
         return self.data.x_train[index], self.data.y_train[index]
 
-    def _train_step(self) -> None:
+    def _train_step(self) -> bool:
+        """One step; False if it was refused as non-finite (no update; the run diverged)."""
         # Changes queued by set() land here, between steps, all at once.
         if self._pending:
             self._apply_pending()
@@ -689,6 +817,8 @@ class Experiment:
             shape = self.data.image_shape
             bounds = self.data.x_train.amin(dim=0), self.data.x_train.amax(dim=0)
             x = shift_and_noise(x, self.data.mean, self.data.std, shape, bounds, self._augment_rng)
+        if cfg.batchnorm:
+            torch._foreach_copy_(self._saved_buffers, self._buffers)
 
         # Forward and backward; the L1 penalty joins the objective, not the recorded loss.
         self.model.train()
@@ -706,29 +836,91 @@ class Experiment:
         loss_slot, raw_slot = self._row_views[len(self._row_meta)]
         loss_slot.copy_(loss.detach())
         raw = self.probe.measure_raw(out=raw_slot)
-        if cfg.clip is not None:
-            total = self.probe.total_norm(raw)
-            nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, total)
+        total = self.probe.total_norm(raw)
+
+        # Decide the step: a NaN or inf anywhere shows in the loss or in the sum of the
+        # gradient norms. Note: this is one host transfer of two numbers a step (on a GPU
+        # too): a non-finite step must be refused before the optimizer applies it, and the
+        # batched rows reach the host too late for that.
+        loss_value, health = torch.stack([loss.detach().float(), self.probe.health(raw)]).tolist()
+        refused = not (math.isfinite(loss_value) and math.isfinite(health)) and self._diverge(
+            [loss_value, float(total)]
+        )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        self.optimizer.step()
-        if self.scheduler is not None and cfg.schedule != "plateau" and self._schedule_left > 0:
-            self.scheduler.step()
-            self._schedule_left -= 1
-        self.step_count += 1
+        if not refused:
+            if cfg.clip is not None:
+                nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, total)
+            self.optimizer.step()
+            if (
+                self.scheduler is not None
+                and cfg.schedule != "plateau"
+                and self._schedule_left > 0
+            ):
+                self.scheduler.step()
+                self._schedule_left -= 1
+        self.step_count += 1  # a refused step counts: its row keeps the non-finite values
 
         # Record: the rows reach the history in batches (see the module docstring).
         self._row_meta.append((self.step_count, self.epoch_count, lr))
         if (
-            len(self._row_meta) == ROW_BUFFER
+            refused
+            or len(self._row_meta) == ROW_BUFFER
             or self._pause_requested
             or self._observers.get("step_completed")
             or time.perf_counter() - self._flushed_at > FLUSH_SECONDS
         ):
             self._flush()
+        if refused:
+            self._enter_diverged()
+            self.diagnosis.check(self)  # the detectors see the non-finite row at once
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
                 self._cond.notify_all()  # step() is waiting for this step
+        return not refused
+
+    def _diverge(self, values: list[float]) -> bool:
+        """Refuse a step whose loss or gradients are not finite, and pause the run.
+
+        The optimizer does not step, so the weights (and, with batch norm, the running
+        statistics) stay those of the last finite step. The step still counts and its row
+        is recorded, non-finite values and all, so the plots show a gap there and the
+        detectors see it. False if nothing had a gradient at all (a NaN total norm then
+        means "no gradient").
+        """
+        loss, total = values[0], values[1]
+        layer = self.probe.first_nonfinite()
+        if math.isfinite(loss) and layer is None and math.isnan(total):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.batchnorm:
+            torch._foreach_copy_(self._buffers, self._saved_buffers)
+        if layer is not None:
+            where = f"first non-finite gradient in {layer}"
+        elif not math.isfinite(total):
+            where = "gradient norm beyond float32's range"
+        else:
+            where = "gradients finite"
+        message = (
+            f"diverged at step {self.step_count + 1}: loss {loss:g}, {where}; the step was not "
+            "applied. Lower the learning rate or switch clipping on, then resume or run again."
+        )
+        self._divergence = (message, {"loss": loss, "grad_norm": total, "layer": layer})
+        return True
+
+    def _enter_diverged(self) -> None:
+        """Pause as "diverged", once the refused step is counted and recorded."""
+        message, detail = self._divergence
+        label = f"diverged at step {self.step_count}"
+        with self._cond:
+            self._pause_requested = True
+            self._single_steps = 0
+            self.state, self.error, self.exception = "diverged", message, None
+            self.history.add_event(
+                Event(self.step_count, self.epoch_count + 1, "diverged", label, detail)
+            )
+            self._cond.notify_all()
+        log.warning("%s", message)
 
     def _flush(self) -> None:
         """Move the buffered rows into the history: one host transfer for all of them.

@@ -56,6 +56,7 @@ class GradientProbe:
         """This step's per-tensor norms as one row of `raw_width` floats (into `out`)."""
         grads = [p.grad for p in self._in_layers]
         other = [p.grad for p in self._other_params]
+        self._missing = [g is None for g in grads]  # for health(): NaN there means "none"
         if all(g is not None for g in grads) and all(g is None for g in other):
             on_cpu = grads and all(
                 g.device.type == "cpu" and g.dtype == torch.float32 for g in grads
@@ -104,6 +105,15 @@ class GradientProbe:
         np.maximum.reduceat(magnitude, self._offsets, out=row[2 * n : 3 * n])
         row[3 * n :] = 0.0
 
+    def health(self, raw: torch.Tensor) -> torch.Tensor:
+        """A scalar that is finite exactly when every gradient in the raw row is: the sum of
+        their L2 norms (a layer without gradient, NaN in the row, is left out)."""
+        n = len(self._in_layers)
+        l2 = raw[:n]
+        if any(getattr(self, "_missing", ())):
+            l2 = l2[torch.tensor([not m for m in self._missing], device=raw.device)]
+        return l2.sum() + raw[3 * n :].sum()
+
     def total_norm(self, raw: torch.Tensor) -> torch.Tensor:
         """The whole model's gradient L2 norm from one raw row (for clipping)."""
         n = len(self._in_layers)
@@ -132,3 +142,20 @@ class GradientProbe:
         """``[total_norm, norms..., means..., maxes...]`` of the gradients now, as one
         float32 tensor."""
         return self.combine(self.measure_raw())[0]
+
+    def first_nonfinite(self) -> str | None:
+        """The first layer, in network order, holding a NaN or infinite gradient, or None.
+
+        Parameters outside the named layers (batch norm's scale and shift) are checked last
+        and reported as "other parameters". Reads every gradient: meant for the rare step
+        whose total norm came out non-finite, not for every step.
+        """
+        groups = [
+            *zip(self.layer_names, self._layer_params),
+            ("other parameters", self._other_params),
+        ]
+        for name, params in groups:
+            for p in params:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    return name
+        return None

@@ -35,6 +35,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from ._io import atomic_write
+
 TableName = Literal["step", "eval"]
 
 
@@ -60,6 +62,7 @@ EVENT_KINDS = (
     "started",
     "paused",
     "resumed",
+    "diverged",
     "stopped",
     "finished",
     "failed",
@@ -70,7 +73,7 @@ EVENT_KINDS = (
     "cleared",
 )
 # The kinds drawn as markers on the plots; the others tell the story of the run.
-MARKED_KINDS = ("change", "early_stopped", "restored")
+MARKED_KINDS = ("change", "diverged", "early_stopped", "restored")
 
 
 class Buckets(NamedTuple):
@@ -522,6 +525,7 @@ class History:
         one schema whatever the model's layers are, and pivots straight into a DataFrame.
         Folded history (long runs) comes first as ``step_bucket`` rows: ``step`` is the
         bucket's last step and ``name`` is ``<metric>.min``, ``.mean`` or ``.max``.
+        The file is replaced atomically: a failure mid-write leaves the previous file intact.
         """
         with self._lock:
             tables = {}
@@ -530,7 +534,7 @@ class History:
                     tables[f"{name}_bucket"] = list(table.bucket_rows())
                 tables[name] = list(table.rows())
             events = list(self._events)
-        with open(path, "w", newline="") as handle:
+        with atomic_write(path, newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["table", "step", "epoch", "name", "value"])
             for table_name, rows in tables.items():

@@ -205,7 +205,9 @@ def test_background_run_keeps_the_caller_free_and_pause_step_resume_stop_work():
     exp.step()
     assert exp.step_count == frozen + 1 and exp.state == "paused"
     exp.resume()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10  # on a loaded machine the worker may take a while
+    while exp.step_count <= frozen + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert exp.step_count > frozen + 1
     exp.stop()
     assert exp.state == "stopped" and not exp.running

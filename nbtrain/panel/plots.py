@@ -61,12 +61,20 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray,
 
 
 def smooth(y: np.ndarray, weight: float = SMOOTHING, start: float | None = None) -> np.ndarray:
-    """Exponential moving average, started at `start` or else at the first value (no bias
-    towards zero)."""
-    if len(y) == 0:
-        return y
-    first = y[0] if start is None else start
-    out, _ = lfilter([1 - weight], [1, -weight], y, zi=[weight * first])
+    """Exponential moving average, started at `start` or else at the first finite value (no
+    bias towards zero).
+
+    A NaN or inf point is a gap: it reads NaN and the average carries over it unchanged,
+    since one inf fed to the filter would turn every later point into inf or NaN.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y)
+    out = np.full(len(y), np.nan)
+    if not finite.any():
+        return out
+    kept = y[finite]
+    first = kept[0] if start is None else start
+    out[finite], _ = lfilter([1 - weight], [1, -weight], kept, zi=[weight * first])
     return out
 
 
