@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
+
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 Init = Literal[
     "default",
@@ -104,6 +106,7 @@ class Config:
     eval_every: int | None = None
     eval_batch_size: int = 512
     threads: int | None = None
+    device: str = "auto"  # "auto": cuda if available, then mps, else cpu; or "cpu", "cuda:1"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -201,6 +204,10 @@ def check_value(name: str, value: Any) -> Any:
         return value
     if name == "val_fraction":
         return _check_fraction(name, value, low_open=True)
+    if name == "device":
+        if not isinstance(value, (str, torch.device)):
+            raise _fail(name, value, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return str(value)
     if name in ("eval_every", "threads"):
         return None if value is None else _check_positive_int(name, value)
     raise unknown_parameter(name, FIELDS)

@@ -27,14 +27,27 @@ class Split:
     mean: torch.Tensor  # the training statistics the inputs were standardized with
     std: torch.Tensor
     image_shape: tuple[int, int] | None = None  # (height, width) when rows are images
+    task: str = "classification"  # or "regression": float targets of shape (n, outputs)
 
     @property
     def n_features(self) -> int:
-        return self.x_train.shape[1]
+        return self.x_train[0].numel()
 
     @property
     def n_classes(self) -> int:
+        """Classes for classification; for regression, the number of target columns."""
+        if self.task == "regression":
+            return self.y_train.shape[1] if self.y_train.ndim > 1 else 1
         return len(self.classes)
+
+    def to(self, device: torch.device) -> Split:
+        """The same split with every tensor on `device` (moved once, not per batch)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +66,12 @@ def _as_numpy(name: str, value: Any) -> np.ndarray:
     raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
 
 
-def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
-    """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`)."""
+def prepare(data: Any, *, val_fraction: float, seed: int, task: str = "classification") -> Split:
+    """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`).
+
+    For ``task="regression"`` the targets stay numbers (float32, one column per output) and
+    the split is random rather than stratified.
+    """
     from sklearn.model_selection import train_test_split
 
     image_shape = None
@@ -69,10 +86,16 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
     x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
     if len(x) != len(y):
         raise ValueError(f"data X has {len(x)} rows but y has {len(y)} labels; they must match")
-    classes, y_index = np.unique(np.asarray(y).reshape(-1), return_inverse=True)
+    if task == "regression":
+        classes = np.zeros(0)
+        y_index = np.asarray(y, dtype=np.float32).reshape(len(y), -1)
+        stratify = None
+    else:
+        classes, y_index = np.unique(np.asarray(y).reshape(-1), return_inverse=True)
+        stratify = y_index
 
     x_train, x_val, y_train, y_val = train_test_split(
-        x, y_index, test_size=val_fraction, random_state=seed, stratify=y_index
+        x, y_index, test_size=val_fraction, random_state=seed, stratify=stratify
     )
     if image_shape is not None:
         # Images: one mean and std for all pixels, as image pipelines do. Per-pixel statistics
@@ -84,14 +107,16 @@ def prepare(data: Any, *, val_fraction: float, seed: int) -> Split:
         mean = x_train.mean(axis=0)
         std = x_train.std(axis=0)
         std[std == 0] = 1.0  # a constant feature stays zero instead of dividing by 0
+    y_type = np.float32 if task == "regression" else np.int64
     return Split(
         x_train=torch.from_numpy((x_train - mean) / std),
-        y_train=torch.from_numpy(y_train.astype(np.int64)),
+        y_train=torch.from_numpy(y_train.astype(y_type)),
         x_val=torch.from_numpy((x_val - mean) / std),
-        y_val=torch.from_numpy(y_val.astype(np.int64)),
+        y_val=torch.from_numpy(y_val.astype(y_type)),
         classes=classes,
         name=name,
         mean=torch.from_numpy(mean),
         std=torch.from_numpy(std),
         image_shape=image_shape,
+        task=task,
     )

@@ -7,7 +7,7 @@ a single tensor, so a step costs one host transfer however many layers the model
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ class GradientProbe:
     def __init__(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> None:
         self.layer_names = [name for name, _ in layers]
         self._layer_params = [[p for p in m.parameters() if p.requires_grad] for _, m in layers]
+        # A layer none of whose parameters train can never have a gradient: "frozen".
+        self.frozen = [not params for params in self._layer_params]
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         in_layers = {id(p) for params in self._layer_params for p in params}
         self._other_params = [
             p for p in model.parameters() if p.requires_grad and id(p) not in in_layers
@@ -35,21 +39,31 @@ class GradientProbe:
         for stat in ("grad_norm", "grad_mean", "grad_max"):
             self.columns += [f"{stat}/{name}" for name in self.layer_names]
 
-    def measure(self) -> torch.Tensor:
-        """``[total_norm, norms..., means..., maxes...]`` as one float32 tensor."""
+    def measure(self, grads_by_id: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[total_norm, norms..., means..., maxes...]`` as one float32 tensor.
+
+        The gradients are the parameters' ``.grad``, or with `grads_by_id` the tensors it
+        maps ``id(parameter)`` to (what hooks kept: see `nbtrain.external`). The result stays
+        on the gradients' device; reading it is the caller's one host transfer.
+        """
+
+        def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+            return p.grad if grads_by_id is None else grads_by_id.get(id(p))
+
         grads: list[torch.Tensor] = []
         owners: list[int] = []
         numel = [0] * len(self._layer_params)
         for index, params in enumerate(self._layer_params):
             for p in params:
-                if p.grad is not None:
-                    grads.append(p.grad)
+                g = grad_of(p)
+                if g is not None:
+                    grads.append(g)
                     owners.append(index)
-                    numel[index] += p.grad.numel()
+                    numel[index] += g.numel()
         n_layers = len(self._layer_params)
-        other = [p.grad for p in self._other_params if p.grad is not None]
+        other = [g for g in map(grad_of, self._other_params) if g is not None]
         if not grads and not other:
-            return torch.full((1 + 3 * n_layers,), math.nan)
+            return torch.full((1 + 3 * n_layers,), math.nan, device=self.device)
         device = (grads or other)[0].device
 
         norms = torch.full((n_layers,), math.nan, device=device)

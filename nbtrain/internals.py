@@ -98,7 +98,11 @@ def measure_internals(
     kinds = {name: module for name, module in activations}
     result = []
     for name, layer in layers:
-        grad = layer.weight.grad
+        # A layer's weight, or for a layer without one (your own) its first parameter.
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(layer.parameters())
+        grad = weight.grad
         out = outputs.get(name)
         dead = math.nan
         if out is not None and isinstance(kinds.get(name), _RELU_LIKE):
@@ -106,7 +110,7 @@ def measure_internals(
         result.append(
             LayerInternals(
                 name=name,
-                weights=histogram(layer.weight),
+                weights=histogram(weight),
                 gradients=None if grad is None else histogram(grad),
                 activations=None if out is None else histogram(out),
                 dead_fraction=dead,
