@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .engine import Experiment, evaluate
+from .external import Watcher, watch
 from .history import Event, History
-from .model import FunnelMLP, funnel_widths
+from .model import FunnelMLP, SmallCNN, funnel_widths
 
 if TYPE_CHECKING:
     from .panel import Dashboard
@@ -25,14 +26,25 @@ __all__ = [
     "FunnelMLP",
     "History",
     "NBVAL_SANITIZE",
+    "SmallCNN",
+    "Watcher",
     "evaluate",
     "funnel_widths",
+    "load_ipython_extension",
+    "watch",
 ]
 __version__ = "0.1.0"
 
 #: nbval sanitizer for nbtrain's variable output (rates, durations): pass it to
 #: ``pytest --nbval --nbval-sanitize-with``.
 NBVAL_SANITIZE = str(Path(__file__).with_name("nbval_sanitize.cfg"))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbtrain``: registers the ``%nbtrain`` line magic (`nbtrain.magic`)."""
+    from .magic import register
+
+    register(ipython)
 
 
 def __getattr__(name: str) -> Any:

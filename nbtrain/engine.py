@@ -139,10 +139,8 @@ class Experiment:
         self._single_steps = 0
         self._pending: dict[str, Any] = {}
         self._build()
-        checked = {k: getattr(self.config, k) for k in self._given if hasattr(self.config, k)}
-        self._check_fits(
-            self.config, {"skip": self.config.skip, "augment": self.config.augment, **checked}
-        )
+        chosen = {k: getattr(self.config, k) for k in self._given if hasattr(self.config, k)}
+        self._check_fits(self.config, chosen)
 
     def _make_data(self, cfg: Config) -> Split | Loaders:
         data, train_data, val_data, task, loss_fn = self._data_args

@@ -21,6 +21,7 @@ import ipywidgets as w
 
 from ..config import LIVE_KEYS
 from ..engine import Experiment
+from ..external import Watcher
 from ..optim import OWNS_LR
 from .controls import MoreControls
 from .inspect import InitInspector, InternalsView
@@ -47,17 +48,23 @@ def _readout(value: Any, pending: Any = None, has_pending: bool = False) -> str:
 
 
 class Dashboard(w.VBox):
-    """A live panel for an `Experiment`.
+    """A live panel for an `Experiment`, or for your own loop (a `nbtrain.watch` Watcher).
+
+    A control that cannot act on what it drives (a switch for modules the model does not
+    have, Start on your own loop) is disabled, and the notice above the plots says why.
 
     Parameters:
-        experiment: the experiment to drive and watch.
+        experiment: the experiment to drive and watch, or a Watcher.
         rate: the most refreshes per second (at most 10 messages a second per mark).
         max_points: the most points one plotted line carries, whatever the run's length.
     """
 
     def __init__(self, experiment: Experiment, *, rate: float = 10.0, max_points: int = 2000):
-        if not isinstance(experiment, Experiment):
-            raise ValueError(f"experiment must be an nbtrain.Experiment, got {experiment!r:.60}")
+        if not isinstance(experiment, (Experiment, Watcher)):
+            raise ValueError(
+                f"experiment must be an nbtrain.Experiment or nbtrain.watch(model), "
+                f"got {experiment!r:.60}"
+            )
         if not 0 < rate <= 10:
             raise ValueError(f"rate must be in (0, 10] refreshes per second, got {rate!r}")
         if max_points < 10:
@@ -67,8 +74,11 @@ class Dashboard(w.VBox):
         self.max_points = max_points
         self._lock = threading.RLock()
         self._seen: tuple | None = None
+        self._seen_steps = False
         self._wake = threading.Event()
         self._closed = False
+        self.external = isinstance(experiment, Watcher)
+        self.reasons = experiment.unavailable()
 
         cfg = experiment.config
         self.status = w.HTML()
@@ -148,21 +158,37 @@ class Dashboard(w.VBox):
             widget.observe(self._guard(self._send_clip), names="value")
         self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
 
-        # Further knobs and views, in tabs below the switches
-        self.more = MoreControls(experiment, self._guard, self.readouts)
-        self.internals = InternalsView(experiment)
-        self.inspector = InitInspector(experiment)
-        self.tabs = self.more.tab
-        self.tabs.children = [*self.tabs.children, self.internals.widget, self.inspector.widget]
-        self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
+        # Further knobs and views, in tabs below the switches (an Experiment's only)
+        self.more: MoreControls | None = None
+        self.internals: InternalsView | None = None
         self._internals_at = 0.0
-        for widget in (self.tabs, self.internals.layer, self.internals.kind):
-            widget.observe(lambda _: self._wake.set(), names=["selected_index", "value"])
+        if self.external:
+            self.tabs = w.Tab([w.HTML(f"<small>{html.escape(self.reasons['more'])}.</small>")])
+            self.tabs.titles = ("Your loop",)
+        else:
+            self.more = MoreControls(experiment, self._guard, self.readouts)
+            self.internals = InternalsView(experiment)
+            if "init_inspector" in self.reasons:
+                inspector = w.HTML(
+                    f"<small>{html.escape(self.reasons['init_inspector'])}.</small>"
+                )
+            else:
+                inspector = InitInspector(experiment).widget
+            self.tabs = self.more.tab
+            self.tabs.children = [*self.tabs.children, self.internals.widget, inspector]
+            self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
+            for widget in (self.tabs, self.internals.layer, self.internals.kind):
+                widget.observe(lambda _: self._wake.set(), names=["selected_index", "value"])
+        self._disable_what_cannot_act()
 
-        # Plots
+        # Plots; layers without a gradient say so in their labels
         self.loss = LossFigure()
         self.accuracy = AccuracyFigure()
-        self.gradients = GradientFigures(experiment.probe.layer_names)
+        if "accuracy" in self.reasons:
+            self.accuracy.figure.layout.display = "none"
+        self.notice = w.HTML()
+        self._layer_status = self._report_layers()
+        self.gradients = GradientFigures(experiment.probe.layer_names, self._layer_status)
 
         # Failures
         self.error_area = w.HTML(layout=w.Layout(display="none"))
@@ -194,7 +220,16 @@ class Dashboard(w.VBox):
             layout=w.Layout(grid_template_columns="repeat(2, minmax(320px, 1fr))"),
         )
         super().__init__(
-            [buttons, self.status, self.progress, switches, self.tabs, self.error_area, self.plots]
+            [
+                buttons,
+                self.status,
+                self.progress,
+                switches,
+                self.tabs,
+                self.notice,
+                self.error_area,
+                self.plots,
+            ]
         )
         self.add_class("nbtrain-dashboard")
 
@@ -204,6 +239,53 @@ class Dashboard(w.VBox):
             target=_poll, args=(weakref.ref(self),), name="nbtrain-panel", daemon=True
         )
         self._poller.start()
+
+    def _disable_what_cannot_act(self) -> None:
+        """Controls for what this model or loop does not have: disabled, with the reason."""
+        controls = {
+            "start": [self.start_button],
+            "step": [self.step_button],
+            "reset": [self.reset_button],
+            "dropout": [self.dropout_toggle, self.dropout_rate],
+            "batchnorm": [self.batchnorm_toggle],
+            "clip": [self.clip_toggle, self.clip_norm],
+            "lr": [self.lr_slider],
+        }
+        if self.more is not None:
+            controls.update(self.more.controls())
+        for name, widgets in controls.items():
+            reason = self.reasons.get(name)
+            for widget in widgets:
+                if reason:
+                    widget.disabled = True
+                    widget.tooltip = reason
+        self._fixed_off = {
+            id(widget) for name, ws in controls.items() if name in self.reasons for widget in ws
+        }
+
+    def _report_layers(self) -> dict[str, str]:
+        """The layers' status before training, shown in the notice and the plots' labels."""
+        report = self.experiment.report()
+        lines = [
+            f"<b>{html.escape(name)}</b>: {html.escape(reason)}"
+            for name, reason in self.reasons.items()
+            if name not in ("more", "init_inspector", "start", "step", "reset")
+        ]
+        if report.problems:
+            names = ", ".join(f"{p.name} ({p.status})" for p in report.problems)
+            lines.insert(0, f"<b>no gradient flow</b> for {html.escape(names)}: no bars for them")
+        if self.external:
+            lines.insert(
+                0,
+                "<b>your loop</b>: Start, Step and Reset are yours; Pause holds "
+                "your loop in log(), Stop sets <code>should_stop</code>",
+            )
+        self.notice.value = (
+            "<div style='color:#555;font-size:12px'>" + "<br>".join(lines) + "</div>"
+            if lines
+            else ""
+        )
+        return report.status
 
     def _figures(self) -> list[w.Widget]:
         return [
@@ -232,7 +314,8 @@ class Dashboard(w.VBox):
         return guarded
 
     def _pause_or_resume(self, _: Any) -> None:
-        if self.experiment.state == "paused":
+        exp = self.experiment
+        if exp.state == "paused" or (self.external and exp.pause_requested):
             self.experiment.resume()
         else:
             self.experiment.pause()
@@ -244,8 +327,21 @@ class Dashboard(w.VBox):
     def _send_clip(self, _: Any) -> None:
         self.experiment.set(clip=self.clip_norm.value if self.clip_toggle.value else None)
 
-    def _on_run_ended(self, experiment: Experiment, outcome: Any) -> None:
+    def _on_run_ended(self, experiment: Experiment | Watcher, outcome: Any) -> None:
         self.refresh()
+
+    def log(self, step: int | None = None, **metrics: Any) -> None:
+        """For your own loop: `Watcher.log` on the watcher this panel shows."""
+        if not self.external:
+            raise RuntimeError(
+                "log() is for your own loop (nbtrain.watch(model)); an Experiment records itself"
+            )
+        self.experiment.log(step, **metrics)
+
+    @property
+    def should_stop(self) -> bool:
+        """Stop was pressed (for your own loop to check)."""
+        return bool(getattr(self.experiment, "should_stop", False))
 
     # Display (any thread, serialized by the lock)
 
@@ -260,8 +356,8 @@ class Dashboard(w.VBox):
             exp.error,
             repr(exp.pending),
             self.tabs.selected_index,
-            self.internals.layer.value,
-            self.internals.kind.value,
+            self.internals.layer.value if self.internals else None,
+            self.internals.kind.value if self.internals else None,
             id(exp.internals),
         )
 
@@ -271,19 +367,28 @@ class Dashboard(w.VBox):
             self._seen = self._fingerprint()
             exp = self.experiment
             if exp.probe.layer_names != self.gradients.layer_names:  # restarted, new depth
-                self.gradients = GradientFigures(exp.probe.layer_names)
+                self._layer_status = self._report_layers()
+                self.gradients = GradientFigures(exp.probe.layer_names, self._layer_status)
                 self.plots.children = self._figures()
-                self.internals.layer.options = exp.probe.layer_names
+                if self.internals is not None:
+                    self.internals.layer.options = exp.probe.layer_names
+            elif self.external and len(exp.history) and not self._seen_steps:
+                # Your loop: unused layers are known once gradients arrive.
+                self._seen_steps = True
+                self._layer_status = self._report_layers()
+                self.gradients.set_status(self._layer_status)
             view = View(exp.history, exp.probe.layer_names, self.max_points)
             self.loss.update(view)
             self.accuracy.update(view)
             self.gradients.update(view)
             self._update_status()
             self._update_controls()
-            self.more.show_in_force()
+            if self.more is not None:
+                self.more.show_in_force()
             now = time.perf_counter()
             if (
-                self.tabs.selected_index == 3
+                self.internals is not None
+                and self.tabs.selected_index == 3
                 and now - self._internals_at >= 1 / InternalsView.rate
             ):
                 self._internals_at = now
@@ -296,16 +401,17 @@ class Dashboard(w.VBox):
     def _update_status(self) -> None:
         exp = self.experiment
         rate = exp.steps_per_second
-        parts = [
-            f"<b>{exp.state}</b>",
-            f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}",
-            f"step {exp.step_count}",
-        ]
+        parts = [f"<b>{exp.state}</b>"]
+        if not self.external:
+            parts.append(f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}")
+        parts.append(f"step {exp.step_count}")
         if rate:
             parts.append(f"{rate:,.0f} steps/s")
         val = exp.history.last("val_acc")
         if val is not None:
             parts.append(f"val acc {val:.3f}")
+        elif exp.history.last("val_loss") is not None:
+            parts.append(f"val loss {exp.history.last('val_loss'):.4g}")
         self.status.value = " · ".join(parts)
         self.progress.value = exp.progress
         self.progress.bar_style = {"failed": "danger", "finished": "success"}.get(exp.state, "")
@@ -313,17 +419,17 @@ class Dashboard(w.VBox):
     def _update_controls(self) -> None:
         exp = self.experiment
         running, paused = exp.running, exp.state == "paused"
-        self.start_button.disabled = running and not paused
+        off = self._fixed_off
+        self.start_button.disabled = (running and not paused) or id(self.start_button) in off
         self.pause_button.disabled = not running
         self.pause_button.description = "Resume" if paused else "Pause"
         self.pause_button.icon = "play" if paused else "pause"
-        self.step_button.disabled = running and not paused
+        self.step_button.disabled = (running and not paused) or id(self.step_button) in off
         self.stop_button.disabled = not running
         pending = exp.pending
         for name, value in exp.in_force.items():
             self.readouts[name].value = _readout(value, pending.get(name), name in pending)
-        self.lr_slider.disabled = exp.config.schedule in OWNS_LR
-        self.more.skip.disabled = exp.model.residual_blocks == 0
+        self.lr_slider.disabled = exp.config.schedule in OWNS_LR or id(self.lr_slider) in off
 
     def _show_error(self, text: str) -> None:
         with self._lock:

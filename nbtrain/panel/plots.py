@@ -223,15 +223,36 @@ class AccuracyFigure(_MarkedFigure):
         self.update_markers(view.history.markers())
 
 
+def layer_labels(layer_names: list[str], status: dict[str, str] | None) -> list[str]:
+    """Layer names, with "(frozen)" or "(no gradient)" where a layer gets none: their bars
+    and lines are gaps, and the label says why rather than letting them read as zero."""
+    status = status or {}
+    return [
+        f"{name} ({status[name]})" if status.get(name, "ok") != "ok" else name
+        for name in layer_names
+    ]
+
+
+def _aligned(steps: np.ndarray, series: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """A layer's values at `steps`, NaN where it had none (frozen, unused that step)."""
+    at, values = series
+    full = np.full(len(steps), np.nan)
+    index = np.searchsorted(steps, at)
+    keep = (index < len(steps)) & (steps[np.minimum(index, len(steps) - 1)] == at)
+    full[index[keep]] = values[keep]
+    return full
+
+
 class GradientFigures:
     """Per-layer bars (mean and max |g|, log axis) and per-layer L2 norms over steps."""
 
-    def __init__(self, layer_names: list[str]) -> None:
+    def __init__(self, layer_names: list[str], status: dict[str, str] | None = None) -> None:
         self.layer_names = layer_names
+        labels = layer_labels(layer_names, status)
         colors = [LAYER_COLORS[i % len(LAYER_COLORS)] for i in range(len(layer_names))]
         bar_y = bq.LogScale()
         self.bars = bq.Bars(
-            x=layer_names,
+            x=labels,
             y=np.full((2, len(layer_names)), np.nan, dtype=np.float32),
             scales={"x": bq.OrdinalScale(), "y": bar_y},
             type="grouped",
@@ -254,7 +275,7 @@ class GradientFigures:
             y=[],
             scales={"x": self.x_scale, "y": norm_y},
             colors=colors,
-            labels=layer_names,
+            labels=labels,
             display_legend=True,
         )
         self.norm_figure = _figure(
@@ -266,8 +287,15 @@ class GradientFigures:
             ],
         )
 
+    def set_status(self, status: dict[str, str]) -> None:
+        labels = layer_labels(self.layer_names, status)
+        with self.bars.hold_sync(), self.norms.hold_sync():
+            self.bars.x = labels
+            self.norms.labels = labels
+
     def update(self, view: View) -> None:
-        steps, _ = view.step_series("train_loss")
+        # The steps with gradient statistics; a layer without a gradient at a step is a gap.
+        steps, _ = view.step_series("grad_norm")
         if not len(steps):
             return
         recent = slice(-view.window, None)
@@ -283,7 +311,9 @@ class GradientFigures:
         # Each layer keeps its own extremes, so each line has its own x (same length).
         xs, ys = zip(
             *(
-                decimate(steps, view.step_series(f"grad_norm/{name}")[1], view.max_points)
+                decimate(
+                    steps, _aligned(steps, view.step_series(f"grad_norm/{name}")), view.max_points
+                )
                 for name in self.layer_names
             )
         )
