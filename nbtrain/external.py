@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .config import LIVE_KEYS, Config, check_changes
+from .engine import _format
 from .foreign import ModelReport, Switches, probe_layers
 from .gradients import GradientProbe
 from .history import Event, History
@@ -359,8 +360,7 @@ class Watcher:
             elif name == "lr" and self.optimizer is not None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = value
-            fmt = {True: "on", False: "off"}
-            label = f"{name} {fmt.get(old, f'{old:g}')}→{fmt.get(value, f'{value:g}')}"
+            label = f"{name} {_format(old)}→{_format(value)}"
             self._event("change", label, {"name": name, "old": old, "new": value})
 
     def finish(self, error: BaseException | None = None) -> None:
