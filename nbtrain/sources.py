@@ -264,6 +264,7 @@ def make_data(
     if pair is not None:
         x, y = pair
         chosen = infer_task(task, loss_fn, y)
+        y = _targets(y, chosen, loss_fn, "train_data")
         if val_data is None:
             x, y, x_val, y_val = _split_tensors(x, y, chosen, val_fraction, seed)
         else:
@@ -277,7 +278,7 @@ def make_data(
         n = x[0].numel()
         return Split(
             x_train=x.float(),
-            y_train=_targets(y, chosen, loss_fn, "train_data"),
+            y_train=y,
             x_val=x_val.float(),
             y_val=_targets(y_val, chosen, loss_fn, "val_data"),
             classes=np.unique(y.cpu().numpy()) if chosen == "classification" else np.zeros(0),
