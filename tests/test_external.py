@@ -129,3 +129,33 @@ def test_frozen_and_unused_layers_of_a_watched_model_are_labelled(small_data):
         assert list(dash.gradients.bars.x) == ["a", "b (no gradient)", "c (frozen)"]
     finally:
         dash.close()
+
+
+class _CountReads:
+    """Counts device-to-host reads (tolist, item) while active: the syncs on a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("tolist", "item"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_one_host_read_per_log_and_per_engine_step(small_data, monkeypatch):
+    model, optimizer, (x, y) = _setup(small_data)
+    watcher = nbtrain.watch(model, optimizer)
+    # SGD: Adam reads its step counter with item(), from a CPU tensor (not a device sync).
+    exp = nbtrain.Experiment(model=nn.Linear(8, 3), train_data=small_data, optimizer="sgd")
+    exp.step()  # the first step includes the pre-training layer check and an evaluation
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    reads = _CountReads(monkeypatch)
+    watcher.log(step=1, loss=loss, val_acc=torch.tensor(0.5))  # two tensors, the gradients
+    assert reads.count == 1
+    exp._train_step()  # loss, lr and every gradient statistic of every layer
+    assert reads.count == 2
