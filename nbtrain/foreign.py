@@ -170,6 +170,20 @@ class ModelReport:
         return "\n".join(lines)
 
 
+def _check_shapes(out: Any, y: Any, loss_fn: Any) -> None:
+    """A regression loss broadcasts mismatched shapes silently, into a wrong loss: refuse."""
+    from .sources import REGRESSION_LOSSES
+
+    if not isinstance(loss_fn, REGRESSION_LOSSES) or not isinstance(out, torch.Tensor):
+        return
+    if isinstance(y, torch.Tensor) and out.shape != y.shape:
+        raise ValueError(
+            f"the model outputs shape {tuple(out.shape)} but the targets have shape "
+            f"{tuple(y.shape)}; {type(loss_fn).__name__} would broadcast them into a wrong "
+            "loss. Reshape the targets (e.g. y.reshape(-1, 1)) or the model's output"
+        )
+
+
 def check_layers(
     model: nn.Module,
     layers: Sequence[tuple[str, nn.Module]],
@@ -190,7 +204,9 @@ def check_layers(
         try:
             with torch.random.fork_rng(devices=[]):
                 x, y = batch
-                loss = loss_fn(model(x), y)
+                out = model(x)
+                _check_shapes(out, y, loss_fn)
+                loss = loss_fn(out, y)
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         finally:
             model.train(was_training)

@@ -371,6 +371,11 @@ class ModelSource:
     def make(self, cfg: Any, data: Split | Loaders) -> nn.Module:
         from .model import FunnelMLP, SmallCNN
 
+        if self.builtin and isinstance(data, Split) and data.task == "regression":
+            # The built-in models output (n, outputs): 1-D targets become one column.
+            if data.y_train.ndim == 1:
+                data.y_train, data.y_val = data.y_train[:, None], data.y_val[:, None]
+
         if self.builtin == "mlp":
             if isinstance(data, Loaders):
                 raise ValueError(

@@ -166,3 +166,12 @@ def test_your_models_init_is_kept_unless_you_choose_one(small_data):
     assert torch.equal(model[0].weight, before)
     Experiment(model=model, train_data=small_data, init="zeros")
     assert torch.count_nonzero(model[0].weight) == 0
+
+
+def test_regression_shapes_that_would_broadcast_are_refused_before_training():
+    x = torch.randn(100, 4)
+    y = x.sum(1)  # 1-D targets
+    exp = Experiment(train_data=(x, y), epochs=1)  # the built-in MLP: one column
+    assert exp.data.y_train.shape == (80, 1) and exp.run().last("val_loss") > 0
+    with pytest.raises(ValueError, match=r"outputs shape \(64, 1\) but the targets have shape"):
+        Experiment(model=nn.Linear(4, 1), train_data=(x, y)).report()

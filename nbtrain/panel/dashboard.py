@@ -161,6 +161,7 @@ class Dashboard(w.VBox):
         # Further knobs and views, in tabs below the switches (an Experiment's only)
         self.more: MoreControls | None = None
         self.internals: InternalsView | None = None
+        self.inspector: InitInspector | None = None
         self._internals_at = 0.0
         if self.external:
             self.tabs = w.Tab([w.HTML(f"<small>{html.escape(self.reasons['more'])}.</small>")])
@@ -173,7 +174,8 @@ class Dashboard(w.VBox):
                     f"<small>{html.escape(self.reasons['init_inspector'])}.</small>"
                 )
             else:
-                inspector = InitInspector(experiment).widget
+                self.inspector = InitInspector(experiment)
+                inspector = self.inspector.widget
             self.tabs = self.more.tab
             self.tabs.children = [*self.tabs.children, self.internals.widget, inspector]
             self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
@@ -265,7 +267,15 @@ class Dashboard(w.VBox):
 
     def _report_layers(self) -> dict[str, str]:
         """The layers' status before training, shown in the notice and the plots' labels."""
-        report = self.experiment.report()
+        try:
+            report = self.experiment.report()
+        except Exception as exc:  # your model fails on a batch: say so, keep the panel
+            log.exception("the pre-training layer check failed")
+            self.notice.value = (
+                "<div style='color:#d62728;font-size:12px'><b>layer check failed</b>: "
+                f"{html.escape(f'{type(exc).__name__}: {exc}')}</div>"
+            )
+            return {}
         lines = [
             f"<b>{html.escape(name)}</b>: {html.escape(reason)}"
             for name, reason in self.reasons.items()
@@ -430,6 +440,8 @@ class Dashboard(w.VBox):
         for name, value in exp.in_force.items():
             self.readouts[name].value = _readout(value, pending.get(name), name in pending)
         self.lr_slider.disabled = exp.config.schedule in OWNS_LR or id(self.lr_slider) in off
+        if self.more is not None:  # a restart can change which blocks a skip can bridge
+            self.more.skip.disabled = "skip" in exp.unavailable()
 
     def _show_error(self, text: str) -> None:
         with self._lock:
