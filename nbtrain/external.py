@@ -8,8 +8,10 @@ training; the panel's Start, Step and Reset are disabled for that reason.
 Gradients are collected with hooks: a post-accumulate-grad hook on each parameter keeps a
 reference to its gradient (no arithmetic, no copy), so the gradient is still there when you
 call `log()` even if your loop has already called ``optimizer.zero_grad()``. At `log()`
-nbtrain reduces the kept gradients with the same fused kernels as the engine and reads
-them, with your metrics, in one host transfer: one sync per `log()` call, none in between.
+nbtrain reduces the kept gradients on the device with the same fused kernels as the engine
+and leaves the result there with your tensor metrics; reading `history` (the panel does, at
+each refresh, in its own thread) reads everything logged since in one host transfer. So
+your loop never waits for the device on nbtrain's account: one sync per panel update.
 Note: a kept reference holds one extra set of gradients in memory until the next `log()`.
 
 Pause and Stop are requests your loop honours: Pause holds your loop inside `log()` until
@@ -96,7 +98,10 @@ class Watcher:
             lr=float(lr),
             epochs=1,
         )
-        self.history = History()
+        self._history = History()
+        self._unread: list[tuple] = []  # what log() left on the device, read by flush()
+        self._unread_lock = threading.Lock()  # log() holds it only to append
+        self._flushing = threading.RLock()  # one flush at a time, so rows stay in order
         self.state = "idle"
         self.error: str | None = None
         self.exception: BaseException | None = None
@@ -123,6 +128,57 @@ class Watcher:
         self._grads[id(param)] = param.grad
 
     # What the panel reads
+
+    @property
+    def history(self) -> History:
+        """Everything logged so far (reading it reads what is still on the device)."""
+        self.flush()
+        return self._history
+
+    def flush(self) -> None:
+        """Read every metric and gradient statistic logged since the last read, in one host
+        transfer, into the history. The panel does this at each refresh (at most 10 times a
+        second, in its own thread), so your loop itself never waits for the device."""
+        with self._flushing:
+            with self._unread_lock:
+                records, self._unread = self._unread, []
+            if not records:
+                return
+            packed = [record[-1] for record in records if record[-1] is not None]
+            flat = torch.cat([p.to(packed[0].device) for p in packed]).tolist() if packed else []
+            at = 0
+            for step, epoch, names, values, tensor_at, measured, lr, _ in records:
+                values = list(values)
+                for index in tensor_at:
+                    values[index], at = flat[at], at + 1
+                stats: list[float] = []
+                if measured:
+                    width = len(self.probe.columns)
+                    stats, at = flat[at : at + width], at + width
+                self._record(step, epoch, names, values, stats, lr)
+
+    def _record(
+        self,
+        step: int,
+        epoch: int,
+        names: list[str],
+        values: list[float],
+        stats: list[float],
+        lr: float | None,
+    ) -> None:
+        step_names = [n for n in names if _table_of(n) == "step"]
+        step_values = [v for n, v in zip(names, values) if _table_of(n) == "step"]
+        if lr is not None and (step_names or stats):
+            step_names.append("lr")
+            step_values.append(lr)
+        if stats:
+            step_names += self.probe.columns
+            step_values += stats
+        if step_names:
+            self._history.record_row("step", step, epoch, step_names, step_values)
+        evals = {n: v for n, v in zip(names, values) if _table_of(n) == "eval"}
+        if evals:
+            self._history.record("eval", step, epoch, evals)
 
     @property
     def probe_layers(self) -> list[tuple[str, nn.Module]]:
@@ -282,43 +338,35 @@ class Watcher:
         if epoch is not None:
             self.epoch_count = epoch
 
-        # One host transfer: every tensor metric and every gradient statistic together.
+        # Numbers are kept as they are; tensors and gradient statistics stay on the device,
+        # packed into one tensor that the next flush() reads (no sync here).
         names = [ALIASES.get(name, name) for name in metrics]
         values = list(metrics.values())
-        tensors = [
-            i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.numel() == 1
-        ]
+        tensor_at = []
+        for index, (name, value) in enumerate(zip(metrics, values)):
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                tensor_at.append(index)
+            elif isinstance(value, (int, float)):
+                values[index] = float(value)
+            else:
+                raise ValueError(
+                    f"metric {name!r} must be a number or a one-element tensor, got {value!r:.60}"
+                )
         grads, self._grads = self._grads, {}
-        parts = [values[i].detach().float().reshape(1).to(self.probe.device) for i in tensors]
+        device = self.probe.device
+        parts = [
+            values[i].detach().float().reshape(1).to(device, non_blocking=True) for i in tensor_at
+        ]
         if grads:
             parts.append(self.probe.measure(grads))
-        flat = torch.cat(parts).tolist() if parts else []
-        for i, index in enumerate(tensors):
-            values[index] = flat[i]
-        stats = flat[len(tensors) :]
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError):
-            bad = next(n for n, v in zip(names, values) if not isinstance(v, (int, float)))
-            raise ValueError(
-                f"metric {bad!r} must be a number or a one-element tensor, got "
-                f"{metrics[bad]!r:.60}"
-            ) from None
-
-        step_names = [n for n in names if _table_of(n) == "step"]
-        step_values = [v for n, v in zip(names, values) if _table_of(n) == "step"]
-        if self.optimizer is not None and (step_names or stats):
-            step_names.append("lr")
-            step_values.append(float(self.optimizer.param_groups[0]["lr"]))
-        if stats:
-            step_names += self.probe.columns
-            step_values += stats
-        if step_names:
-            self.history.record_row("step", step, self.epoch_count, step_names, step_values)
-        evals = {n: v for n, v in zip(names, values) if _table_of(n) == "eval"}
-        if evals:
-            self.history.record("eval", step, self.epoch_count, evals)
+        packed = torch.cat(parts) if parts else None
+        lr = None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
+        record = (step, self.epoch_count, names, values, tensor_at, bool(grads), lr, packed)
+        with self._unread_lock:
+            self._unread.append(record)
         self.step_count = max(self.step_count, step)
+        if len(self._unread) >= 1000:  # nobody reads (no panel): bound what waits
+            self.flush()
 
         # A boundary: queued changes land, and a pause holds the loop here.
         if self._pending:
@@ -367,6 +415,7 @@ class Watcher:
         """End the run: "stopped" if Stop was asked, "failed" with an error, else "finished"."""
         if self.state not in ("running", "paused"):
             return
+        self.flush()
         outcome = "failed" if error else "stopped" if self.should_stop else "finished"
         self._ended_at = time.perf_counter()
         if error is not None:

@@ -35,6 +35,7 @@ class GradientProbe:
         ]
         self.parameters = [p for params in self._layer_params for p in params]
         self.parameters += self._other_params
+        self._index_cache: tuple[tuple, list[torch.Tensor]] | None = None
         self.columns = ["grad_norm"]
         for stat in ("grad_norm", "grad_mean", "grad_max"):
             self.columns += [f"{stat}/{name}" for name in self.layer_names]
@@ -71,14 +72,12 @@ class GradientProbe:
         maxes = torch.full((n_layers,), math.nan, device=device)
         total_sq = torch.zeros((), device=device)
         if grads:
-            owner = torch.tensor(owners, device=device)
+            owner, has, counts = self._indices(owners, numel, device)
             l2 = torch.stack(torch._foreach_norm(grads, 2)).float()
             l1 = torch.stack(torch._foreach_norm(grads, 1)).float()
             linf = torch.stack(torch._foreach_norm(grads, math.inf)).float()
-            has = torch.tensor([n > 0 for n in numel], device=device)
             sq = torch.zeros(n_layers, device=device).index_add_(0, owner, l2 * l2)
             l1_sum = torch.zeros(n_layers, device=device).index_add_(0, owner, l1)
-            counts = torch.tensor([max(n, 1) for n in numel], device=device, dtype=torch.float32)
             mx = torch.zeros(n_layers, device=device).scatter_reduce_(0, owner, linf, "amax")
             norms = torch.where(has, sq.sqrt(), norms)
             means = torch.where(has, l1_sum / counts, means)
@@ -87,3 +86,21 @@ class GradientProbe:
         if other:
             total_sq = total_sq + torch.stack(torch._foreach_norm(other, 2)).float().pow(2).sum()
         return torch.cat([total_sq.sqrt().reshape(1), norms, means, maxes])
+
+    def _indices(
+        self, owners: list[int], numel: list[int], device: torch.device
+    ) -> list[torch.Tensor]:
+        """Which layer owns each gradient, as device tensors, made once and then reused.
+
+        Note: a tensor built from a Python list is copied to the device synchronously (a
+        host sync on CUDA), so they are remade only when the set of gradients changes.
+        """
+        key = (tuple(owners), tuple(numel), device)
+        if self._index_cache is None or self._index_cache[0] != key:
+            made = [
+                torch.tensor(owners, device=device),
+                torch.tensor([n > 0 for n in numel], device=device),
+                torch.tensor([max(n, 1) for n in numel], device=device, dtype=torch.float32),
+            ]
+            self._index_cache = (key, made)
+        return self._index_cache[1]

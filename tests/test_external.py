@@ -146,7 +146,9 @@ class _CountReads:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-def test_one_host_read_per_log_and_per_engine_step(small_data, monkeypatch):
+def test_host_reads_one_per_panel_update_for_your_loop_one_per_engine_step(
+    small_data, monkeypatch
+):
     model, optimizer, (x, y) = _setup(small_data)
     watcher = nbtrain.watch(model, optimizer)
     # SGD: Adam reads its step counter with item(), from a CPU tensor (not a device sync).
@@ -155,7 +157,9 @@ def test_one_host_read_per_log_and_per_engine_step(small_data, monkeypatch):
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     reads = _CountReads(monkeypatch)
-    watcher.log(step=1, loss=loss, val_acc=torch.tensor(0.5))  # two tensors, the gradients
-    assert reads.count == 1
-    exp._train_step()  # loss, lr and every gradient statistic of every layer
+    for step in (1, 2, 3):  # your loop: log() leaves everything on the device
+        watcher.log(step=step, loss=loss, val_acc=torch.tensor(0.5))
+    assert reads.count == 0
+    assert len(watcher.history) == 3 and reads.count == 1  # the panel's read: all at once
+    exp._train_step()  # the engine: loss, lr and every gradient statistic of every layer
     assert reads.count == 2
