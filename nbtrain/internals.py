@@ -151,6 +151,11 @@ def inspect_init(
     """
     from .model import FunnelMLP, initialize
 
+    if experiment.builtin_model != "mlp":
+        raise ValueError(
+            "inspect_init compares fresh built-in MLPs, and this experiment trains "
+            f"{type(experiment.model).__name__}; it needs Experiment(model=None)"
+        )
     cfg, data = experiment.config, experiment.data
     x, y = data.x_train[:batch_size], data.y_train[:batch_size]
     reports = {}

@@ -144,3 +144,16 @@ def test_regression_hides_the_accuracy_plot():
         assert math.isfinite(exp.history.last("val_loss"))
     finally:
         dash.close()
+
+
+def test_the_init_inspector_is_the_built_in_mlps_only(small_data):
+    from nbtrain.internals import inspect_init
+
+    exp = Experiment(model=_plain(), train_data=small_data)
+    with pytest.raises(ValueError, match="inspect_init compares fresh built-in MLPs"):
+        inspect_init(exp)
+    dash = Dashboard(exp)
+    try:
+        assert dash.inspector is None and "built-in MLPs" in dash.tabs.children[4].value
+    finally:
+        dash.close()
