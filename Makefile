@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nbtrain-installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test lint notebooks
+.PHONY: setup lab test test-browser screenshots lint notebooks
 
 setup: $(STAMP)
 
@@ -16,9 +16,21 @@ $(STAMP): pyproject.toml scripts/setup.sh
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/00_quickstart.ipynb
 
-# The whole test suite: unit tests, the panel, and every notebook under strict nbval.
+# The whole test suite: unit tests, the panel, every notebook under strict nbval, and the
+# panel in JupyterLab and Notebook 7 in headless chromium (installed here when missing).
 test: $(STAMP)
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
+
+# Only the browser tests; screenshots of each state land in artifacts/browser/.
+test-browser: $(STAMP)
+	bash scripts/ensure_chromium.sh
+	$(PY) -m pytest -m browser tests/browser
+
+# The README's pictures, from real runs in a real browser.
+screenshots: $(STAMP)
+	bash scripts/ensure_chromium.sh
+	$(PY) scripts/screenshots.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nbtrain tests benchmarks scripts

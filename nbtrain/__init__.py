@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .challenges import PRESET_NAMES as presets
 from .config import Config
 from .engine import Experiment, evaluate
 from .external import Watcher, watch
 from .history import Event, History
 from .model import FunnelMLP, SmallCNN, funnel_widths
+from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
     from .panel import Dashboard
@@ -26,11 +28,15 @@ __all__ = [
     "FunnelMLP",
     "History",
     "NBVAL_SANITIZE",
+    "Run",
+    "RunRegistry",
     "SmallCNN",
     "Watcher",
     "evaluate",
     "funnel_widths",
     "load_ipython_extension",
+    "presets",
+    "session_runs",
     "watch",
 ]
 __version__ = "0.1.0"

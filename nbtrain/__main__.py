@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from .config import ACTIVATIONS, INITS, OPTIMIZERS, Config
+from .challenges import PRESET_NAMES
+from .config import ACTIVATIONS, FIELDS, INITS, OPTIMIZERS, Config
 from .engine import Experiment
 
 DEFAULTS = Config()
@@ -17,48 +18,35 @@ DEFAULTS = Config()
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nbtrain",
-        description="Train an nbtrain experiment on the embedded digits data, headless.",
+        description="Train an nbtrain experiment on the embedded digits data, headless. "
+        "Options left out take the preset's value, or nbtrain's default.",
     )
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    parser.add_argument(
-        "--hidden",
-        type=int,
-        nargs="+",
-        default=list(DEFAULTS.hidden),
-        help="hidden widths, input to output (default: %(default)s)",
-    )
-    parser.add_argument("--activation", choices=ACTIVATIONS, default=DEFAULTS.activation)
-    parser.add_argument("--init", choices=INITS, default=DEFAULTS.init)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer)
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
-    parser.add_argument("--batchnorm", action="store_true")
-    parser.add_argument("--clip", type=float, default=None, help="max gradient norm")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1: exact)")
-    parser.add_argument("--csv", metavar="PATH", help="write the history here as CSV")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add = parser.add_argument
+    add("--preset", choices=PRESET_NAMES, help="start from a training-challenge preset")
+    add("--epochs", type=int, help=f"default {DEFAULTS.epochs}")
+    add("--hidden", type=int, nargs="+", help="hidden widths, input to output (default 128 64 32)")
+    add("--activation", choices=ACTIVATIONS, help=f"default {DEFAULTS.activation}")
+    add("--init", choices=INITS, help=f"default {DEFAULTS.init}")
+    add("--optimizer", choices=OPTIMIZERS, help=f"default {DEFAULTS.optimizer}")
+    add("--lr", type=float, help=f"default {DEFAULTS.lr}")
+    add("--batch-size", type=int, help=f"default {DEFAULTS.batch_size}")
+    add("--dropout", type=float, help="dropout rate (default off)")
+    add("--batchnorm", action="store_true", default=None, help="batch norm on")
+    add("--clip", type=float, help="max gradient norm (default no clipping)")
+    add("--seed", type=int, help=f"default {DEFAULTS.seed}")
+    add("--threads", type=int, help="torch threads (1: exactly repeatable)")
+    add("--csv", metavar="PATH", help="write the history here as CSV")
+    add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in FIELDS}
+    if "hidden" in given:
+        given["hidden"] = tuple(given["hidden"])
     try:
-        exp = Experiment(
-            epochs=args.epochs,
-            hidden=tuple(args.hidden),
-            activation=args.activation,
-            init=args.init,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            dropout=args.dropout,
-            batchnorm=args.batchnorm,
-            clip=args.clip,
-            seed=args.seed,
-            threads=args.threads,
-        )
+        exp = Experiment(preset=args.preset, **given)
     except ValueError as exc:
         print(f"nbtrain: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     bar = tqdm(
-        total=args.epochs * exp.steps_per_epoch,
+        total=exp.config.epochs * exp.steps_per_epoch,
         unit="step",
         disable=args.no_progress,
         dynamic_ncols=True,
@@ -104,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"val_acc={summary['val_acc']:.4f} val_loss={summary['val_loss']:.4f} "
         f"train_acc={summary['train_acc']:.4f}"
     )
+    for finding in exp.findings:
+        print(f"finding: {finding.title}: {finding.evidence}")
     if exp.error:
         print(exp.error, file=sys.stderr)
     if args.csv:

@@ -103,6 +103,8 @@ class Config:
     # Run
     seed: int = 0
     val_fraction: float = 0.2
+    train_size: int | None = None  # keep only this many training samples (stratified)
+    label_noise: float = 0.0  # share of training labels replaced by random ones (seeded)
     eval_every: int | None = None
     eval_batch_size: int = 512
     threads: int | None = None
@@ -208,7 +210,9 @@ def check_value(name: str, value: Any) -> Any:
         if not isinstance(value, (str, torch.device)):
             raise _fail(name, value, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return str(value)
-    if name in ("eval_every", "threads"):
+    if name == "label_noise":
+        return _check_fraction(name, value, low_open=False)
+    if name in ("eval_every", "threads", "train_size"):
         return None if value is None else _check_positive_int(name, value)
     raise unknown_parameter(name, FIELDS)
 

@@ -66,13 +66,28 @@ def _as_numpy(name: str, value: Any) -> np.ndarray:
     raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
 
 
-def prepare(data: Any, *, val_fraction: float, seed: int, task: str = "classification") -> Split:
+def prepare(
+    data: Any,
+    *,
+    val_fraction: float,
+    seed: int,
+    train_size: int | None = None,
+    label_noise: float = 0.0,
+    task: str = "classification",
+) -> Split:
     """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`).
 
+    `train_size` keeps only that many training samples, drawn stratified from the training
+    split, and `label_noise` replaces that share of the training labels by random classes
+    (the validation set stays whole and clean): the ways to make a network memorize.
+    A `Split` is taken as it is: forks and checkpoints hand over data already prepared.
     For ``task="regression"`` the targets stay numbers (float32, one column per output) and
     the split is random rather than stratified.
     """
     from sklearn.model_selection import train_test_split
+
+    if isinstance(data, Split):
+        return data
 
     image_shape = None
     if data is None:
@@ -97,6 +112,26 @@ def prepare(data: Any, *, val_fraction: float, seed: int, task: str = "classific
     x_train, x_val, y_train, y_val = train_test_split(
         x, y_index, test_size=val_fraction, random_state=seed, stratify=stratify
     )
+    if label_noise > 0 and task == "regression":
+        raise ValueError("label_noise replaces class labels, and a regression has none")
+    if train_size is not None and train_size < len(y_train):
+        if train_size < len(classes):
+            raise ValueError(
+                f"train_size must be at least the number of classes ({len(classes)}), "
+                f"got {train_size}"
+            )
+        x_train, _, y_train, _ = train_test_split(
+            x_train,
+            y_train,
+            train_size=train_size,
+            random_state=seed,
+            stratify=y_train if task != "regression" else None,
+        )
+    if label_noise > 0:
+        rng = np.random.default_rng(seed)
+        flip = rng.random(len(y_train)) < label_noise
+        y_train = y_train.copy()
+        y_train[flip] = rng.integers(0, len(classes), int(flip.sum()))
     if image_shape is not None:
         # Images: one mean and std for all pixels, as image pipelines do. Per-pixel statistics
         # would give nearly blank border pixels a tiny std, and a shifted image (augmentation)

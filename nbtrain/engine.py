@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 import traceback
@@ -22,8 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .challenges import preset_config
 from .config import LIVE_KEYS, Config, check_changes, make_config
 from .data import Split
+from .diagnosis import CHECK_EVERY, Diagnosis, Finding
 from .foreign import ModelReport, Switches, check_layers, probe_layers
 from .gradients import GradientProbe
 from .history import Event, History
@@ -31,6 +34,7 @@ from .internals import Internals, measure_internals
 from .model import initialize
 from .optim import OWNS_LR, WEIGHT_DECAY_STYLE, make_optimizer, make_scheduler
 from .regularization import EarlyStopping, l1_penalty, shift_and_noise
+from .runs import Run, RunRegistry, session_runs
 from .sources import (
     Loaders,
     ModelSource,
@@ -100,6 +104,7 @@ class Experiment:
         self,
         data: Any = None,
         *,
+        preset: str | None = None,
         model: Any = None,
         train_data: Any = None,
         val_data: Any = None,
@@ -107,6 +112,9 @@ class Experiment:
         task: str | None = None,
         **config: Any,
     ) -> None:
+        if preset is not None:
+            config = {**preset_config(preset), **config}
+        self.preset = preset
         # Your model, data, loss and optimizer become a model source, data and a loss here.
         self._optimizer_source: OptimizerSource | None = None
         if "optimizer" in config and not isinstance(config["optimizer"], str):
@@ -138,7 +146,13 @@ class Experiment:
         self._pause_requested = False
         self._single_steps = 0
         self._pending: dict[str, Any] = {}
+        self._boundary_calls: list[Callable[[], None]] = []  # see at_boundary()
+        self._loop_thread: threading.Thread | None = None
+        self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
+        self.current_run: Run | None = None
         self._build()
+        self.on("step_completed", _diagnose_every)
+        self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
         chosen = {k: getattr(self.config, k) for k in self._given if hasattr(self.config, k)}
         self._check_fits(self.config, chosen)
 
@@ -152,6 +166,8 @@ class Experiment:
             loss_fn=loss_fn,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
+            train_size=cfg.train_size,
+            label_noise=cfg.label_noise,
             batch_size=cfg.batch_size,
             eval_batch_size=cfg.eval_batch_size,
         )
@@ -220,6 +236,7 @@ class Experiment:
         self._bounds: list[tuple[int, int]] = []
         self._pos = 0
         self.history = History()
+        self.diagnosis = Diagnosis()
         self.step_count = 0
         self.epoch_count = 0
         self._target_epoch = 0
@@ -229,6 +246,7 @@ class Experiment:
         self._run_started_at: float | None = None
         self._run_ended_at: float | None = None
         self._run_start_step = 0
+        self.current_run = self.runs.begin(self)
 
     def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         cfg = self.config
@@ -606,7 +624,8 @@ class Experiment:
         config = make_config({**kept, **new}).replace(**custom)
         self.stop()
         with self._cond:
-            if (config.seed, config.val_fraction) != (self.config.seed, self.config.val_fraction):
+            split_keys = ("seed", "val_fraction", "train_size", "label_noise")
+            if any(getattr(config, k) != getattr(before, k) for k in split_keys):
                 self.data = self._make_data(config)
             self._check_fits(config, changes)
             self._given.update(changes)
@@ -621,6 +640,38 @@ class Experiment:
             if changed:
                 text = ", ".join(f"{k}={_format(getattr(config, k))}" for k in changed)
                 self._event("restart", f"restart: {text}", changed)
+
+    def extend(self, epochs: int) -> None:
+        """Train `epochs` more: the run going now trains longer, or a new run starts."""
+        epochs = self._check_epochs(epochs)
+        with self._cond:
+            if self._loop_active:
+                self._target_epoch += epochs
+                self._event(
+                    "change",
+                    f"train {epochs} epochs longer",
+                    {
+                        "name": "epochs",
+                        "old": self._target_epoch - epochs,
+                        "new": self._target_epoch,
+                    },
+                )
+                return
+        self.start(epochs)
+
+    def load_preset(self, name: str, seed: int | None = None) -> None:
+        """Start over as the preset `name` (a new run), everything else at its default."""
+        config = preset_config(name)
+        config["seed"] = self.config.seed if seed is None else seed
+        self.stop()
+        defaults = dataclasses.asdict(Config())
+        self.restart(**{**defaults, **config})
+        self.preset = name
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The challenges the detectors see now (see `nbtrain.diagnosis`)."""
+        return list(self.diagnosis.standing.values())
 
     @property
     def running(self) -> bool:
@@ -657,6 +708,7 @@ class Experiment:
     # The loop
 
     def _loop(self) -> None:
+        self._loop_thread = threading.current_thread()
         self._run_started_at, self._run_ended_at = time.perf_counter(), None
         self._run_start_step = self.step_count
         self.state = "running"
@@ -728,10 +780,14 @@ class Experiment:
 
     def _take_turn(self) -> bool:
         """At a step boundary: honour stop and pause; False means end the run."""
+        if self._boundary_calls:
+            self._run_boundary_calls()
         if not (self._pause_requested or self._stop_requested) and self.state == "running":
             return True  # the common case, without the lock
         with self._cond:
             while True:
+                if self._boundary_calls:
+                    self._run_boundary_calls()
                 if self._stop_requested:
                     return False
                 if not self._pause_requested:
@@ -747,6 +803,13 @@ class Experiment:
                     self._single_steps -= 1
                     return True
                 self._cond.wait()
+
+    def _run_boundary_calls(self) -> None:
+        with self._cond:
+            calls, self._boundary_calls = self._boundary_calls, []
+            for call in calls:
+                call()  # never raises: at_boundary() hands its outcome to the caller
+            self._cond.notify_all()
 
     def _batch_bounds(self) -> list[tuple[int, int]]:
         if isinstance(self.data, Loaders):
@@ -920,6 +983,82 @@ class Experiment:
             self.model, self.probe_layers, activations, probe_x, self.step_count
         )
 
+    # Runs, forks and checkpoints (nbtrain.runs, nbtrain.checkpoint)
+
+    @property
+    def run_id(self) -> int:
+        """The id of the current run in `runs`."""
+        return self.current_run.id
+
+    def at_boundary(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Call `fn()` between two steps and return what it returns.
+
+        While a run is going, the training thread calls it at its next step boundary (a
+        paused run is waiting at one) and this thread waits; otherwise it is called now.
+        From inside an observer, that is from the training thread mid-step, it is refused:
+        the state there is half-way through a step.
+        """
+        with self._cond:
+            if self._loop_active and threading.current_thread() is self._loop_thread:
+                raise RuntimeError(
+                    "fork(), save() and at_boundary() cannot run inside an observer, mid-step; "
+                    "call them from another thread or between runs"
+                )
+            if not self._loop_active:
+                return fn()
+            box: dict[str, Any] = {}
+
+            def call() -> None:
+                try:
+                    box["value"] = fn()
+                except BaseException as exc:  # handed to the caller, never to the run
+                    box["error"] = exc
+
+            self._boundary_calls.append(call)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: bool(box) or not self._loop_active, timeout)
+            if not box:
+                if call in self._boundary_calls:
+                    self._boundary_calls.remove(call)
+                if self._loop_active:
+                    raise TimeoutError(f"no step boundary came within {timeout} s")
+                return fn()  # the run ended first: now is between steps
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def fork(self, **changes: Any) -> Experiment:
+        """A new experiment that continues this one from its current step, with `changes`.
+
+        It copies the model, optimizer, data order, RNG and history at the next step
+        boundary, then applies `changes` (the live settings, ``epochs``, ``eval_every``)
+        as change events at the first step it runs. It joins this experiment's `runs` with
+        a ``parent`` link; it does not start by itself. This experiment is not touched.
+        """
+        from . import checkpoint
+
+        return checkpoint.fork(self, changes)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a checkpoint that `Experiment.load` resumes exactly (see nbtrain.checkpoint).
+
+        The file reads with ``torch.load(path, weights_only=True)``; it is written to a
+        temporary file beside `path` and moved into place, so it is never half-written.
+        """
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Experiment:
+        """The experiment saved at `path`, ready to resume: its step count continues.
+
+        Files that would need arbitrary unpickling are refused with a ValueError.
+        """
+        from . import checkpoint
+
+        return checkpoint.load(path)
+
     # Presentation
 
     def summary(self) -> dict[str, Any]:
@@ -1007,3 +1146,8 @@ def evaluate_batches(
     if task == "regression":
         return loss, None
     return loss, correct.item() / max(counted, 1)
+
+
+def _diagnose_every(experiment: Experiment, _: Any) -> None:
+    if experiment.step_count % CHECK_EVERY == 0:
+        experiment.diagnosis.check(experiment)

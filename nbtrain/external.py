@@ -22,6 +22,7 @@ and Stop sets `should_stop`, which your loop checks to break out.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
@@ -189,6 +190,11 @@ class Watcher:
         return self.state in ("running", "paused")
 
     @property
+    def findings(self) -> list:
+        """No detectors watch your loop (nbtrain.diagnosis reads an Experiment's run)."""
+        return []
+
+    @property
     def pause_requested(self) -> bool:
         return self._pause_requested
 
@@ -230,7 +236,8 @@ class Watcher:
             params = list(module.parameters())
             status = "frozen" if frozen else "ok"
             if not frozen and f"grad_norm/{name}" in seen and len(self.history):
-                if self.history.last(f"grad_norm/{name}") is None:
+                last = self.history.last(f"grad_norm/{name}")
+                if last is None or math.isnan(last):
                     status = "no gradient"
             layers.append(
                 LayerStatus(

@@ -61,7 +61,11 @@ MARKED_KINDS = ("change", "early_stopped", "restored")
 
 
 class _Table:
-    """Rows of floats under named columns, keyed by step, growing by doubling."""
+    """Rows of floats under named columns, keyed by step, growing by doubling.
+
+    A value may be NaN or inf (a diverging loss is data, not a gap in the record); whether a
+    row recorded a metric at all is kept apart, in `_present`.
+    """
 
     def __init__(self) -> None:
         self.columns: list[str] = []
@@ -69,6 +73,7 @@ class _Table:
         self._steps = np.zeros(0, dtype=np.int64)
         self._epochs = np.zeros(0, dtype=np.int32)
         self._values = np.zeros((0, 0), dtype=np.float64)
+        self._present = np.zeros((0, 0), dtype=bool)
         self.n = 0
 
     def _add_columns(self, names: Iterable[str]) -> None:
@@ -80,7 +85,9 @@ class _Table:
             self.columns.append(name)
         grown = np.full((self._values.shape[0], len(self.columns)), np.nan)
         grown[:, : self._values.shape[1]] = self._values
-        self._values = grown
+        present = np.zeros(grown.shape, dtype=bool)
+        present[:, : self._present.shape[1]] = self._present
+        self._values, self._present = grown, present
 
     def _reserve(self) -> None:
         capacity = len(self._steps)
@@ -90,12 +97,15 @@ class _Table:
         steps = np.zeros(capacity, dtype=np.int64)
         epochs = np.zeros(capacity, dtype=np.int32)
         values = np.full((capacity, len(self.columns)), np.nan)
-        steps[: self.n], epochs[: self.n], values[: self.n] = (
+        present = np.zeros((capacity, len(self.columns)), dtype=bool)
+        steps[: self.n], epochs[: self.n], values[: self.n], present[: self.n] = (
             self._steps[: self.n],
             self._epochs[: self.n],
             self._values[: self.n],
+            self._present[: self.n],
         )
         self._steps, self._epochs, self._values = steps, epochs, values
+        self._present = present
 
     def append(self, step: int, epoch: int, names: Sequence[str], values: Sequence[float]) -> None:
         if len(names) != len(self.columns) or list(names) != self.columns:
@@ -104,24 +114,32 @@ class _Table:
         row = self._values[self.n]
         if len(names) == len(self.columns):
             row[:] = values
+            self._present[self.n] = True
         else:
             row[:] = np.nan
-            row[[self._index[name] for name in names]] = values
+            where = [self._index[name] for name in names]
+            row[where] = values
+            self._present[self.n, where] = True
         self._steps[self.n] = step
         self._epochs[self.n] = epoch
         self.n += 1
 
-    def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        column = self._values[: self.n, self._index[name]]
-        keep = ~np.isnan(column)
-        return self._steps[: self.n][keep].copy(), column[keep].copy()
+    def series(self, name: str, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of the rows in `rows` where the metric was recorded."""
+        index = self._index[name]
+        column = self._values[: self.n, index][rows]
+        keep = self._present[: self.n, index][rows]
+        return self._steps[: self.n][rows][keep].copy(), column[keep].copy()
 
     def rows(self) -> Iterable[tuple[int, int, dict[str, float]]]:
+        """Each row's step, epoch and the metrics it recorded."""
         for i in range(self.n):
+            present = self._present[i]
+            values = self._values[i].tolist()
             yield (
                 int(self._steps[i]),
                 int(self._epochs[i]),
-                dict(zip(self.columns, self._values[i].tolist())),
+                {name: v for name, v, p in zip(self.columns, values, present) if p},
             )
 
 
@@ -179,6 +197,20 @@ class History:
         with self._lock:
             return self._table_for(name, table).series(name)
 
+    def tail(
+        self, name: str, n: int, table: TableName | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The last `n` rows' (steps, values) of a metric, without copying the rest."""
+        with self._lock:
+            return self._table_for(name, table).series(name, slice(-n, None))
+
+    def head(
+        self, name: str, n: int, table: TableName | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first `n` rows' (steps, values) of a metric."""
+        with self._lock:
+            return self._table_for(name, table).series(name, slice(0, n))
+
     def last(self, name: str, table: TableName | None = None) -> float | None:
         """The latest recorded value of a metric, or None before the first."""
         try:
@@ -226,7 +258,6 @@ class History:
             for table_name, rows in tables.items():
                 for step, epoch, metrics in rows:
                     for name, value in metrics.items():
-                        if not np.isnan(value):
-                            writer.writerow([table_name, step, epoch, name, repr(value)])
+                        writer.writerow([table_name, step, epoch, name, repr(value)])
             for event in events:
                 writer.writerow(["event", event.step, event.epoch, event.kind, event.label])

@@ -3,7 +3,7 @@
 ``%nbtrain`` opens a panel and returns it (``dash = %nbtrain ...`` keeps it):
 
 * ``%nbtrain``: the default experiment (digits, the funnel MLP);
-* ``%nbtrain --preset vanishing``: a named starting point from `nbtrain.presets`;
+* ``%nbtrain --preset vanishing``: a training challenge from `nbtrain.presets`;
 * ``%nbtrain model train_loader val_loader``: variables of the notebook, by name: a model
   (an ``nn.Module``), then its training and validation data (tensors as ``(X, y)``, a
   Dataset or a DataLoader); or a single existing Experiment or ``nbtrain.watch`` Watcher;
@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from . import presets
+from .challenges import PRESET_NAMES
 from .engine import Experiment
 from .external import Watcher
 
@@ -55,7 +55,9 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="variable",
         help="notebook variables: MODEL [TRAIN_DATA [VAL_DATA]], or one Experiment or Watcher",
     )
-    parser.add_argument("--preset", choices=sorted(presets.PRESETS), help="a named starting point")
+    parser.add_argument(
+        "--preset", choices=list(PRESET_NAMES), help="a training challenge (nbtrain.presets)"
+    )
     parser.add_argument("--loss", metavar="VAR", help="a variable holding the loss function")
     parser.add_argument(
         "--optimizer",
@@ -117,7 +119,7 @@ def build(line: str, namespace: dict[str, Any]) -> Experiment | Watcher | None:
     if args.preset:
         if values:
             raise UsageError("%nbtrain: pass either --preset or variables, not both")
-        return Experiment(**{**presets.PRESETS[args.preset], **config})
+        return Experiment(preset=args.preset, **config)
     if len(values) > 3:
         raise UsageError(
             f"%nbtrain: at most MODEL TRAIN_DATA VAL_DATA, got {len(values)} variables"

@@ -150,6 +150,12 @@ class Loaders:
         except TypeError:
             return None
 
+    @property
+    def n_features(self) -> int:
+        """Input numbers per sample (from the first validation batch)."""
+        x, _ = self.probe_batch(1)
+        return x[0].numel() if isinstance(x, torch.Tensor) else 0
+
     def rebatch(self, batch_size: int) -> None:
         """A new shuffling train loader of `batch_size` (only for Datasets nbtrain batches)."""
         self.train = _shuffling(self.train_set, batch_size, self.seed)
@@ -230,8 +236,12 @@ def make_data(
     seed: int,
     batch_size: int,
     eval_batch_size: int,
+    train_size: int | None = None,
+    label_noise: float = 0.0,
 ) -> Split | Loaders:
     """The experiment's data from the user's arguments (see the module docstring)."""
+    if isinstance(data, Split):
+        return data  # prepared already (forks and checkpoints hand it over)
     if train_data is None:
         if val_data is not None:
             raise ValueError("val_data needs train_data; pass both, or data=(X, y) to split")
@@ -239,9 +249,21 @@ def make_data(
         if data is not None and isinstance(data, (tuple, list)) and len(data) == 2:
             targets = _as_tensor("data y", data[1])
         chosen = infer_task(task, loss_fn, targets)
-        return prepare(data, val_fraction=val_fraction, seed=seed, task=chosen)
+        return prepare(
+            data,
+            val_fraction=val_fraction,
+            seed=seed,
+            train_size=train_size,
+            label_noise=label_noise,
+            task=chosen,
+        )
     if data is not None:
         raise ValueError("pass either data=(X, y) or train_data= (and val_data=), not both")
+    if train_size is not None or label_noise:
+        raise ValueError(
+            "train_size and label_noise shape the built-in data split (data=None or "
+            "data=(X, y)); with train_data= choose your samples yourself"
+        )
 
     # Your own DataLoaders: used as they are.
     if isinstance(train_data, DataLoader):

@@ -16,3 +16,10 @@ def test_cli_trains_and_prints_a_table(capsys, tmp_path):
 def test_cli_reports_a_bad_value_and_exits_2(capsys):
     assert main(["--lr", "-1", "--no-progress"]) == 2
     assert "lr must be a positive finite number, got -1.0" in capsys.readouterr().err
+
+
+def test_cli_runs_a_preset_and_prints_its_finding(capsys):
+    code = main(["--preset", "vanishing", "--epochs", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "finding: Vanishing gradients: the first layer's gradient norm is" in out

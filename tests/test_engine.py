@@ -294,3 +294,26 @@ def test_losses_are_finite_and_fall():
     history = Experiment(epochs=3).run()
     _, loss = history.series("train_loss", "eval")
     assert all(math.isfinite(v) for v in loss) and loss[-1] < loss[0] / 2
+
+
+def test_a_resume_during_a_single_step_records_resumed_and_runs_on():
+    exp = Experiment(epochs=500)
+    exp.start()
+    exp.pause()
+    resumed_inside = []
+
+    def resume_mid_step(e, _):
+        if not resumed_inside:
+            resumed_inside.append(e.step_count)
+            e.resume()  # arrives while the single step is still going
+
+    exp.on("step_completed", resume_mid_step)
+    try:
+        exp.step()
+        deadline = time.time() + 10
+        while exp.state != "running" and time.time() < deadline:
+            time.sleep(0.001)
+        assert exp.state == "running"
+        assert [e.kind for e in exp.history.events][:3] == ["started", "paused", "resumed"]
+    finally:
+        exp.stop()

@@ -47,3 +47,16 @@ def test_to_csv_writes_long_form_with_events(tmp_path):
         ["eval", "1", "1", "val_acc", "0.25"],
         ["event", "2", "1", "change", "dropout off→0.3"],
     ]
+
+
+def test_nan_and_inf_are_recorded_values_not_gaps_in_the_record():
+    h = History()
+    h.record("step", 1, 0, {"train_loss": 2.0})
+    h.record("step", 2, 0, {"train_loss": float("nan")})
+    h.record("step", 3, 0, {"train_loss": float("inf")})
+    h.record("step", 4, 0, {"other": 1.0})  # a row that did not record train_loss
+    steps, values = h.series("train_loss")
+    assert steps.tolist() == [1, 2, 3]
+    assert values[0] == 2.0 and np.isnan(values[1]) and np.isinf(values[2])
+    assert h.tail("train_loss", 3)[0].tolist() == [2, 3]  # the last 3 rows: one lacks it
+    assert h.head("train_loss", 1)[1].tolist() == [2.0]

@@ -31,8 +31,8 @@ def test_help_prints_the_options(shell, capsys):
 
 def test_a_preset_opens_a_panel(shell):
     exp = _open(shell, "--preset vanishing --epochs 3")
-    assert exp.config.activation == "sigmoid" and exp.config.hidden == (64,) * 6
-    assert exp.config.epochs == 3
+    assert exp.preset == "vanishing" and exp.config.activation == "sigmoid"
+    assert exp.config.epochs == 3  # an option overrides the preset
 
 
 def test_notebook_variables_open_a_panel_for_your_model_and_data(shell):

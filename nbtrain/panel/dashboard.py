@@ -24,8 +24,10 @@ from ..engine import Experiment
 from ..external import Watcher
 from ..optim import OWNS_LR
 from .controls import MoreControls
+from .diagnosis import DiagnosisArea
 from .inspect import InitInspector, InternalsView
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
+from .runs import RunsPanel
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class Dashboard(w.VBox):
         self._closed = False
         self.external = isinstance(experiment, Watcher)
         self.reasons = experiment.unavailable()
+        self._syncing = False
 
         cfg = experiment.config
         self.status = w.HTML()
@@ -94,11 +97,11 @@ class Dashboard(w.VBox):
             description="Stop", icon="stop", button_style="danger", layout=BUTTON
         )
         self.reset_button = w.Button(description="Reset", icon="undo", layout=BUTTON)
-        self.start_button.on_click(self._guard(lambda _: experiment.start()))
+        self.start_button.on_click(self._guard(lambda _: self.experiment.start()))
         self.pause_button.on_click(self._guard(self._pause_or_resume))
-        self.step_button.on_click(self._guard(lambda _: experiment.step()))
-        self.stop_button.on_click(self._guard(lambda _: experiment.stop()))
-        self.reset_button.on_click(self._guard(lambda _: experiment.reset()))
+        self.step_button.on_click(self._guard(lambda _: self.experiment.step()))
+        self.stop_button.on_click(self._guard(lambda _: self.experiment.stop()))
+        self.reset_button.on_click(self._guard(lambda _: self.experiment.reset()))
 
         # Live switches: they express intent; the readouts beside them show what is in force.
         self.dropout_toggle = w.ToggleButton(
@@ -152,35 +155,38 @@ class Dashboard(w.VBox):
         for widget in (self.dropout_toggle, self.dropout_rate):
             widget.observe(self._guard(self._send_dropout), names="value")
         self.batchnorm_toggle.observe(
-            self._guard(lambda c: experiment.set(batchnorm=c["new"])), names="value"
+            self._guard(lambda c: self.experiment.set(batchnorm=c["new"])), names="value"
         )
         for widget in (self.clip_toggle, self.clip_norm):
             widget.observe(self._guard(self._send_clip), names="value")
-        self.lr_slider.observe(self._guard(lambda c: experiment.set(lr=c["new"])), names="value")
+        self.lr_slider.observe(
+            self._guard(lambda c: self.experiment.set(lr=c["new"])), names="value"
+        )
+
+        # Diagnosis: standing findings with their remedies, and the preset menu
+        self.diagnosis = None if self.external else DiagnosisArea(experiment, self._guard)
 
         # Further knobs and views, in tabs below the switches (an Experiment's only)
         self.more: MoreControls | None = None
-        self.internals: InternalsView | None = None
-        self.inspector: InitInspector | None = None
+        self._internals: InternalsView | None = None
+        self._inspector: InitInspector | None = None
         self._internals_at = 0.0
         if self.external:
             self.tabs = w.Tab([w.HTML(f"<small>{html.escape(self.reasons['more'])}.</small>")])
             self.tabs.titles = ("Your loop",)
         else:
             self.more = MoreControls(experiment, self._guard, self.readouts)
-            self.internals = InternalsView(experiment)
+            # Note: the last two tabs are built when first opened; a bqplot figure drawn while
+            # hidden gets a negative size and fills the browser console with errors.
+            self.tabs = self.more.tab
+            inspector: w.Widget = w.VBox()
             if "init_inspector" in self.reasons:
                 inspector = w.HTML(
                     f"<small>{html.escape(self.reasons['init_inspector'])}.</small>"
                 )
-            else:
-                self.inspector = InitInspector(experiment)
-                inspector = self.inspector.widget
-            self.tabs = self.more.tab
-            self.tabs.children = [*self.tabs.children, self.internals.widget, inspector]
+            self.tabs.children = [*self.tabs.children, w.VBox(), inspector]
             self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
-            for widget in (self.tabs, self.internals.layer, self.internals.kind):
-                widget.observe(lambda _: self._wake.set(), names=["selected_index", "value"])
+            self.tabs.observe(self._open_tab, names="selected_index")
         self._disable_what_cannot_act()
 
         # Plots; layers without a gradient say so in their labels
@@ -191,6 +197,9 @@ class Dashboard(w.VBox):
         self.notice = w.HTML()
         self._layer_status = self._report_layers()
         self.gradients = GradientFigures(experiment.probe.layer_names, self._layer_status)
+
+        # Runs of the session: table, overlays, fork, export, checkpoints (panel/runs.py)
+        self.runs_panel = None if self.external else RunsPanel(self)
 
         # Failures
         self.error_area = w.HTML(layout=w.Layout(display="none"))
@@ -227,10 +236,12 @@ class Dashboard(w.VBox):
                 self.status,
                 self.progress,
                 switches,
+                *([self.diagnosis.widget] if self.diagnosis else []),
                 self.tabs,
                 self.notice,
                 self.error_area,
                 self.plots,
+                *([self.runs_panel] if self.runs_panel else []),
             ]
         )
         self.add_class("nbtrain-dashboard")
@@ -298,12 +309,50 @@ class Dashboard(w.VBox):
         return report.status
 
     def _figures(self) -> list[w.Widget]:
-        return [
+        """The four live figures, in order; their DOM class lets a browser test find them."""
+        figures = [
             self.loss.figure,
             self.accuracy.figure,
             self.gradients.bar_figure,
             self.gradients.norm_figure,
         ]
+        for figure in figures:
+            figure.add_class("nbtrain-main-figure")
+        return figures
+
+    @property
+    def internals(self) -> InternalsView | None:
+        """The Internals tab (built on first use; None for your own loop)."""
+        if self.external:
+            return None
+        if self._internals is None:
+            self._internals = InternalsView(self.experiment)
+            for widget in (self._internals.layer, self._internals.kind):
+                widget.observe(lambda _: self._wake.set(), names="value")
+            self._set_tab(3, self._internals.widget)
+        return self._internals
+
+    @property
+    def inspector(self) -> InitInspector | None:
+        """The Init inspector tab (built on first use; None where it cannot compare)."""
+        if "init_inspector" in self.reasons:
+            return None
+        if self._inspector is None:
+            self._inspector = InitInspector(self.experiment)
+            self._set_tab(4, self._inspector.widget)
+        return self._inspector
+
+    def _set_tab(self, index: int, widget: w.Widget) -> None:
+        children = list(self.tabs.children)
+        children[index] = widget
+        self.tabs.children = children
+
+    def _open_tab(self, change: dict) -> None:
+        if change["new"] == 3:
+            self.internals  # noqa: B018  (builds it)
+        elif change["new"] == 4:
+            self.inspector  # noqa: B018
+        self._wake.set()
 
     def __repr__(self) -> str:
         return "nbtrain.Dashboard"  # Note: nbval compares this text; no live values here.
@@ -314,6 +363,8 @@ class Dashboard(w.VBox):
         """Run a control's handler; a failure is shown in the panel and logged, not lost."""
 
         def guarded(arg: Any) -> None:
+            if self._syncing:
+                return  # attach() is showing another experiment's settings: nothing to send
             try:
                 handler(arg)
             except Exception as exc:
@@ -353,6 +404,45 @@ class Dashboard(w.VBox):
         """Stop was pressed (for your own loop to check)."""
         return bool(getattr(self.experiment, "should_stop", False))
 
+    def attach(self, experiment: Experiment) -> None:
+        """Drive `experiment` from now on: a fork, or a loaded checkpoint, of the same layers.
+
+        The switches take its settings (sending them changes nothing, as they are in
+        force); the experiment driven before keeps going if it was, and stays in the table.
+        """
+        if experiment.probe.layer_names != self.gradients.layer_names:
+            raise ValueError(
+                f"experiment must have the layers {self.gradients.layer_names} to be shown in "
+                f"this panel, got {experiment.probe.layer_names}; open a new Dashboard for it"
+            )
+        with self._lock:
+            self.experiment.off("run_ended", self._on_run_ended)
+            self.experiment = experiment
+            for part in (self.more, self._internals, self._inspector, self.diagnosis):
+                if part is not None:
+                    part.experiment = experiment
+            experiment.on("run_ended", self._on_run_ended)
+            live = experiment.in_force
+            self._syncing = True
+            try:
+                self._show_settings(live)
+            finally:
+                self._syncing = False
+            self.loss._marked = self.accuracy._marked = -1  # redraw the change markers
+            self.runs_panel.reset_form()
+        self.refresh()
+
+    def _show_settings(self, live: dict[str, Any]) -> None:
+        """Put the switches to `live` (sending nothing: `_syncing` holds the handlers)."""
+        if live["dropout"]:
+            self.dropout_rate.value = live["dropout"]
+        self.dropout_toggle.value = live["dropout"] > 0
+        self.batchnorm_toggle.value = live["batchnorm"]
+        if live["clip"] is not None:
+            self.clip_norm.value = live["clip"]
+        self.clip_toggle.value = live["clip"] is not None
+        self.lr_slider.value = live["lr"]
+
     # Display (any thread, serialized by the lock)
 
     def _fingerprint(self) -> tuple:
@@ -366,9 +456,10 @@ class Dashboard(w.VBox):
             exp.error,
             repr(exp.pending),
             self.tabs.selected_index,
-            self.internals.layer.value if self.internals else None,
-            self.internals.kind.value if self.internals else None,
+            self._internals and (self._internals.layer.value, self._internals.kind.value),
             id(exp.internals),
+            tuple((f.challenge, f.evidence) for f in exp.findings),
+            self.runs_panel.fingerprint() if self.runs_panel else None,
         )
 
     def refresh(self) -> None:
@@ -380,8 +471,8 @@ class Dashboard(w.VBox):
                 self._layer_status = self._report_layers()
                 self.gradients = GradientFigures(exp.probe.layer_names, self._layer_status)
                 self.plots.children = self._figures()
-                if self.internals is not None:
-                    self.internals.layer.options = exp.probe.layer_names
+                if self._internals is not None:
+                    self._internals.layer.options = exp.probe.layer_names
             elif self.external and len(exp.history) and not self._seen_steps:
                 # Your loop: unused layers are known once gradients arrive.
                 self._seen_steps = True
@@ -391,18 +482,22 @@ class Dashboard(w.VBox):
             self.loss.update(view)
             self.accuracy.update(view)
             self.gradients.update(view)
+            if self.runs_panel is not None:
+                self.runs_panel.refresh()
             self._update_status()
             self._update_controls()
             if self.more is not None:
                 self.more.show_in_force()
+            if self.diagnosis is not None:
+                self.diagnosis.update()
             now = time.perf_counter()
             if (
-                self.internals is not None
-                and self.tabs.selected_index == 3
+                self.tabs.selected_index == 3
+                and self._internals is not None
                 and now - self._internals_at >= 1 / InternalsView.rate
             ):
                 self._internals_at = now
-                self.internals.update()
+                self._internals.update()
             if exp.error:
                 self._show_error(exp.error)
             elif self.error_area.layout.display != "none":

@@ -20,6 +20,19 @@ from ..history import Event, History
 TRAIN, VAL = "#1f77b4", "#ff7f0e"
 LAYER_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 MARKER_COLOR = "#555555"
+# Other runs overlaid on the figures: apart from the current run's blue, orange and greens.
+OVERLAY_COLORS = [
+    "#000000",
+    "#e6194b",
+    "#3cb44b",
+    "#911eb4",
+    "#f58231",
+    "#42d4f4",
+    "#f032e6",
+    "#9a6324",
+    "#808000",
+    "#469990",
+]
 SMOOTHING = 0.9  # EMA weight of the past for the train-loss line
 
 
@@ -89,6 +102,64 @@ def _positive(values: np.ndarray) -> np.ndarray:
     """A log axis cannot show zero, a negative or inf: such points become gaps."""
     values = _finite(values)
     return np.where(values > 0, values, np.nan)
+
+
+class Overlay:
+    """Other runs drawn over a figure: one line each, in its own colour, named in the legend.
+
+    `update()` takes (label, colour, steps, values) per run; runs of different lengths are
+    padded with gaps to one 2-D array, as a bqplot Lines mark wants.
+    """
+
+    def __init__(self, scales: dict, positive: bool = False) -> None:
+        self.mark = bq.Lines(
+            x=[], y=[], scales=scales, display_legend=True, stroke_width=1.5, opacities=[0.9]
+        )
+        self._clean = _positive if positive else _finite
+        self.labels: list[str] = []
+
+    def update(self, lines: list[tuple[str, str, np.ndarray, np.ndarray]]) -> None:
+        with self.mark.hold_sync():
+            if not lines:
+                self.mark.x, self.mark.y, self.mark.labels = [], [], []
+                self.labels = []
+                return
+            # At least 2 points: bqplot squeezes a 1x1 array to a scalar, which it refuses.
+            width = max(2, *(len(x) for _, _, x, _ in lines))
+            xs = np.zeros((len(lines), width), dtype=np.int32)
+            ys = np.full((len(lines), width), np.nan, dtype=np.float32)
+            for i, (_, _, x, y) in enumerate(lines):
+                if len(x):
+                    xs[i, : len(x)], xs[i, len(x) :] = x, x[-1]
+                    ys[i, : len(y)] = self._clean(y)
+            self.mark.x, self.mark.y = xs, ys
+            self.mark.colors = [color for _, color, _, _ in lines]
+            self.mark.labels = self.labels = [label for label, _, _, _ in lines]
+
+
+def _fit_log_axis(scale: bq.LogScale, axis: bq.Axis, values: np.ndarray) -> bool:
+    """Pin a log scale to the whole decades around `values`, one tick a decade or fewer.
+
+    Two reasons: bqplot's grouped bars compute no domain of their own on a log scale (the
+    bars stay empty), and the default log ticks (1, 2, 5 each decade) overlap at this height.
+    Returns whether the scale changed.
+    """
+    values = values[np.isfinite(values) & (values > 0)]
+    if not values.size:
+        return False
+    low = int(np.floor(np.log10(values.min())))
+    high = max(int(np.ceil(np.log10(values.max()))), low + 1)
+    if (scale.min, scale.max) == (10.0**low, 10.0**high):
+        return False
+    _set_decades(scale, axis, low, high)
+    return True
+
+
+def _set_decades(scale: bq.LogScale, axis: bq.Axis, low: int, high: int) -> None:
+    every = -(-(high - low) // 6)  # at most about seven ticks
+    with scale.hold_sync(), axis.hold_sync():
+        scale.min, scale.max = 10.0**low, 10.0**high
+        axis.tick_values = 10.0 ** np.arange(low, high + 1, every)
 
 
 class _MarkedFigure:
@@ -165,7 +236,15 @@ class LossFigure(_MarkedFigure):
             bq.Axis(scale=self.x_scale, label="step"),
             bq.Axis(scale=y, side="left", label="loss", tick_format=".2f"),
         ]
-        marks = [self.raw, self.smoothed, self.val, self.marker_lines, self.marker_labels]
+        self.overlay = Overlay(scales)
+        marks = [
+            self.raw,
+            self.smoothed,
+            self.val,
+            self.overlay.mark,
+            self.marker_lines,
+            self.marker_labels,
+        ]
         self.figure = _figure("Loss", marks, axes)
 
     def update(self, view: View) -> None:
@@ -211,7 +290,8 @@ class AccuracyFigure(_MarkedFigure):
             bq.Axis(scale=self.x_scale, label="step"),
             bq.Axis(scale=y, side="left", label="accuracy", tick_format=".0%"),
         ]
-        marks = [self.train, self.val, self.marker_lines, self.marker_labels]
+        self.overlay = Overlay(scales)
+        marks = [self.train, self.val, self.overlay.mark, self.marker_lines, self.marker_labels]
         self.figure = _figure("Accuracy (full sets, eval mode)", marks, axes)
         self.figure.legend_location = "bottom-right"
 
@@ -248,54 +328,61 @@ class GradientFigures:
 
     def __init__(self, layer_names: list[str], status: dict[str, str] | None = None) -> None:
         self.layer_names = layer_names
-        labels = layer_labels(layer_names, status)
+        self.labels = labels = layer_labels(layer_names, status)
         colors = [LAYER_COLORS[i % len(LAYER_COLORS)] for i in range(len(layer_names))]
-        bar_y = bq.LogScale()
+        self.bar_scale = bq.LogScale()
+        # Note: bars start empty, not NaN: one NaN leaves bqplot's bars view blank for good.
         self.bars = bq.Bars(
-            x=labels,
-            y=np.full((2, len(layer_names)), np.nan, dtype=np.float32),
-            scales={"x": bq.OrdinalScale(), "y": bar_y},
+            x=[],
+            y=np.zeros((2, 0), dtype=np.float32),
+            scales={"x": bq.OrdinalScale(), "y": self.bar_scale},
             type="grouped",
             colors=["#7f7f7f", "#d62728"],
             labels=["mean |g|", "max |g|"],
             display_legend=True,
+            base=1e-3,  # Note: bars grow from `base`; the default 0 has no place on a log axis
         )
+        self.bar_axis = bq.Axis(
+            scale=self.bar_scale, side="left", label="|gradient|", tick_format=".0e"
+        )
+        _set_decades(self.bar_scale, self.bar_axis, -3, 0)
         self.bar_figure = _figure(
             "Gradient flow (last 20 steps)",
             [self.bars],
-            [
-                bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"),
-                bq.Axis(scale=bar_y, side="left", label="|gradient|", tick_format=".0e"),
-            ],
+            [bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"), self.bar_axis],
         )
         self.x_scale = bq.LinearScale(min=0)
-        norm_y = bq.LogScale()
+        self.norm_scale = bq.LogScale()
         self.norms = bq.Lines(
             x=[],
             y=[],
-            scales={"x": self.x_scale, "y": norm_y},
+            scales={"x": self.x_scale, "y": self.norm_scale},
             colors=colors,
             labels=labels,
             display_legend=True,
         )
+        self.norm_axis = bq.Axis(
+            scale=self.norm_scale, side="left", label="‖g‖", tick_format=".0e"
+        )
+        self.overlay = Overlay({"x": self.x_scale, "y": self.norm_scale}, positive=True)
         self.norm_figure = _figure(
             "Per-layer gradient L2 norm",
-            [self.norms],
-            [
-                bq.Axis(scale=self.x_scale, label="step"),
-                bq.Axis(scale=norm_y, side="left", label="‖g‖", tick_format=".0e"),
-            ],
+            [self.norms, self.overlay.mark],
+            [bq.Axis(scale=self.x_scale, label="step"), self.norm_axis],
         )
 
     def set_status(self, status: dict[str, str]) -> None:
-        labels = layer_labels(self.layer_names, status)
+        self.labels = layer_labels(self.layer_names, status)
         with self.bars.hold_sync(), self.norms.hold_sync():
-            self.bars.x = labels
-            self.norms.labels = labels
+            if len(self.bars.x):
+                self.bars.x = self.labels
+            self.norms.labels = self.labels
 
     def update(self, view: View) -> None:
         # The steps with gradient statistics; a layer without a gradient at a step is a gap.
         steps, _ = view.step_series("grad_norm")
+        if not len(steps):
+            steps, _ = view.step_series("train_loss")  # a history without the total norm
         if not len(steps):
             return
         recent = slice(-view.window, None)
@@ -317,7 +404,15 @@ class GradientFigures:
                 for name in self.layer_names
             )
         )
+        bars, norms = _positive(bars), _positive(np.array(ys))
+        rescaled = _fit_log_axis(self.bar_scale, self.bar_axis, bars)
         with self.bars.hold_sync(), self.norms.hold_sync():
-            self.bars.y = _positive(bars)
+            if not len(self.bars.x):
+                self.bars.x = self.labels
+            if rescaled:
+                self.bars.base = self.bar_scale.min
+            # A layer without a finite gradient gets a flat bar (a NaN would blank the view).
+            self.bars.y = np.where(np.isfinite(bars), bars, self.bar_scale.min).astype(np.float32)
             self.norms.x = np.array(xs, dtype=np.int32)
-            self.norms.y = _positive(np.array(ys))
+            self.norms.y = norms
+        _fit_log_axis(self.norm_scale, self.norm_axis, norms)

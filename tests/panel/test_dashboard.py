@@ -201,3 +201,27 @@ def test_init_inspector_compares_two_schemes(panel):
     assert bars.shape == (2, 4)
     assert np.all(bars[0, :3] > 0) and np.all(bars[1, :3] == 0)  # zeros: every unit alike, 0
     assert reports["he"].layers[0].grad_norm > 0
+
+
+def test_diagnosis_area_shows_a_finding_and_its_remedy_button_acts():
+    exp = Experiment(preset="exploding", seed=0, epochs=2)
+    dash = Dashboard(exp)
+    try:
+        exp.run(epochs=2)
+        dash.refresh()
+        card = dash.diagnosis.cards["exploding"]
+        assert card.box.layout.display == "flex"
+        assert "Exploding gradients" in card.text.value and "step" in card.text.value
+        assert dash.diagnosis.none.layout.display == "none"
+        assert dash.diagnosis.cards["vanishing"].box.layout.display == "none"
+        clip = next(b for b in card.buttons if b.description.startswith("Clip"))
+        clip.click()
+        assert exp.in_force["clip"] == 1.0
+        dash.diagnosis.preset.value = "vanishing"
+        dash.diagnosis.load.click()
+        assert exp.preset == "vanishing" and exp.config.activation == "sigmoid"
+        assert exp.step_count == 0 and exp.config.seed == 0
+        dash.refresh()
+        assert card.box.layout.display == "none"  # a new run: nothing standing yet
+    finally:
+        dash.close()
