@@ -151,8 +151,10 @@ class Experiment:
         self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
         self.current_run: Run | None = None
         self._build()
-        self.on("step_completed", _diagnose_every)
-        self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
+        # Note: the detectors read accuracies; a regression has none, so they sit it out.
+        if self.task != "regression":
+            self.on("step_completed", _diagnose_every)
+            self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
         chosen = {k: getattr(self.config, k) for k in self._given if hasattr(self.config, k)}
         self._check_fits(self.config, chosen)
 

@@ -159,3 +159,10 @@ def test_the_init_inspector_is_the_built_in_mlps_only(small_data):
         assert dash.inspector is None and "built-in MLPs" in dash.tabs.children[4].value
     finally:
         dash.close()
+
+
+def test_a_regression_trains_without_the_classification_detectors():
+    x = torch.randn(300, 3)
+    exp = Experiment(model=nn.Linear(3, 1), train_data=(x, x[:, :1] * 2), lr=0.05, epochs=3)
+    exp.run()
+    assert exp.state == "finished" and exp.findings == []
