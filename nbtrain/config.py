@@ -109,6 +109,7 @@ class Config:
     eval_batch_size: int = 512
     threads: int | None = None
     device: str = "auto"  # "auto": cuda if available, then mps, else cpu; or "cpu", "cuda:1"
+    speed: float | None = None  # steps per second at most (a lecture's pace); None: full speed
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -212,6 +213,12 @@ def check_value(name: str, value: Any) -> Any:
         return str(value)
     if name == "label_noise":
         return _check_fraction(name, value, low_open=False)
+    if name == "speed":
+        if value is None:
+            return None
+        if not _is_number(value) or value <= 0:
+            raise _fail(name, value, "None (full speed) or a positive number of steps per second")
+        return float(value)
     if name in ("eval_every", "threads", "train_size"):
         return None if value is None else _check_positive_int(name, value)
     raise unknown_parameter(name, FIELDS)
@@ -238,7 +245,8 @@ def check_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
         if name not in LIVE_KEYS:
             where = "is fixed for a run" if name in FIELDS else "is not a parameter"
             raise ValueError(
-                f"{name!r} {where}; set() can change {', '.join(LIVE_KEYS)} while training"
+                f"{name!r} {where}; set() can change {', '.join(LIVE_KEYS)} while training "
+                "(and the pace, speed)"
             )
         checked[name] = check_value(name, value)
     return checked

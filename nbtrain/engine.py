@@ -5,6 +5,14 @@ and CI as it does under the panel.
 
 Counting: ``step`` is the number of optimizer steps completed and ``epoch`` the number of
 epochs completed, both starting at 0; history rows for step N are recorded after the N-th step.
+
+Cost: a step's row (loss and gradient statistics) stays on the device in a small buffer and
+reaches the history in batches: when the buffer is full (`ROW_BUFFER` steps), every
+`FLUSH_SECONDS` at the latest, and at every boundary a reader can observe (an evaluation, a
+pause, a single step, the end of the run). So the history may trail `step_count` by up to
+50 ms while a run goes, and a GPU run pays one host transfer per batch instead of one per step.
+An observer of "step_completed" is the exception: it may read the history, so with one
+attached every step is flushed before it is called.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from .challenges import preset_config
-from .config import LIVE_KEYS, Config, check_changes, make_config
+from .config import LIVE_KEYS, Config, check_changes, check_value, make_config
 from .data import Split
 from .diagnosis import CHECK_EVERY, Diagnosis, Finding
 from .foreign import ModelReport, Switches, check_layers, probe_layers
@@ -48,6 +57,9 @@ from .sources import (
 )
 
 log = logging.getLogger(__name__)
+
+ROW_BUFFER = 256  # steps whose rows wait on the device before reaching the history
+FLUSH_SECONDS = 0.05  # the longest a finished step waits before it is in the history
 
 State = Literal["idle", "running", "paused", "finished", "stopped", "failed"]
 
@@ -151,10 +163,6 @@ class Experiment:
         self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
         self.current_run: Run | None = None
         self._build()
-        # Note: the detectors read accuracies; a regression has none, so they sit it out.
-        if self.task != "regression":
-            self.on("step_completed", _diagnose_every)
-            self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
         chosen = {k: getattr(self.config, k) for k in self._given if hasattr(self.config, k)}
         self._check_fits(self.config, chosen)
 
@@ -232,6 +240,11 @@ class Experiment:
             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.requires_grad
         ]
         self._step_columns = ["train_loss", "lr", *self.probe.columns]
+        self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
+        self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._row_meta: list[tuple[int, int, float]] = []  # (step, epoch, lr) per buffered row
+        self._flushed_at = time.perf_counter()
+        self._next_step_at = 0.0  # the pace's clock (see `speed`)
         self._rng_state = torch.get_rng_state()  # dropout's draws continue across start/stop
         self._order = torch.Generator().manual_seed(cfg.seed)  # shuffling only
         self._perm = torch.zeros(0, dtype=torch.long)
@@ -336,12 +349,23 @@ class Experiment:
             return dict(self._pending)
 
     def set(self, **changes: Any) -> None:
-        """Queue live changes (``dropout``, ``batchnorm``, ``clip``, ``lr``).
+        """Queue live changes (``dropout``, ``batchnorm``, ``clip``, ``lr``), or set the pace.
 
         They are applied together at the next step boundary, never inside a step, and each
         becomes a "change" event whose step is the first step that runs with it. When no
         run is going, that boundary is now.
+
+        ``speed`` (steps per second, None for full speed) is different: it changes how fast
+        the run goes, not what it computes, so it takes effect at once and is no event.
         """
+        if "speed" in changes:
+            speed = check_value("speed", changes.pop("speed"))
+            with self._cond:
+                self.config = self.config.replace(speed=speed)
+                self._next_step_at = 0.0
+                self._cond.notify_all()  # a step waiting on the old pace goes on the new one
+            if not changes:
+                return
         checked = self._check_changes(changes)
         with self._cond:
             after = {**dataclasses.asdict(self.config), **self._pending, **checked}
@@ -727,6 +751,9 @@ class Experiment:
                 if not self._take_turn():
                     break
                 self._train_step()
+                if self.step_count % CHECK_EVERY == 0:  # the detectors read the history
+                    self._flush()
+                    self._diagnose()
                 if self._pos >= len(self._bounds):
                     self.epoch_count += 1
                     self._evaluate()
@@ -746,6 +773,7 @@ class Experiment:
             self.error = traceback.format_exc()
             log.error("run failed at step %d:\n%s", self.step_count, self.error)
         finally:
+            self._flush()
             self._rng_state = torch.get_rng_state()
             self._run_ended_at = time.perf_counter()
             self._restore_best()
@@ -781,9 +809,11 @@ class Experiment:
         self._event("restored", label, {"best_step": stopper.best_step, "best": stopper.best})
 
     def _take_turn(self) -> bool:
-        """At a step boundary: honour stop and pause; False means end the run."""
+        """At a step boundary: honour stop, pause and the pace; False means end the run."""
         if self._boundary_calls:
             self._run_boundary_calls()
+        if self.config.speed is not None:
+            self._pace()
         if not (self._pause_requested or self._stop_requested) and self.state == "running":
             return True  # the common case, without the lock
         with self._cond:
@@ -798,6 +828,7 @@ class Experiment:
                         self._event("resumed", "resume")
                     return True
                 if self.state != "paused":
+                    self._flush()
                     self.state = "paused"
                     self._event("paused", "pause")
                     self._cond.notify_all()
@@ -812,6 +843,28 @@ class Experiment:
             for call in calls:
                 call()  # never raises: at_boundary() hands its outcome to the caller
             self._cond.notify_all()
+
+    def _pace(self) -> None:
+        """Wait until the next step is due at `config.speed` steps a second.
+
+        Only time passes here: the step that follows is the one that would have run at full
+        speed, so a paced run has the same history as an unpaced one. Stop, pause and a new
+        speed wake the wait; a change queued by set() lands at the step that follows it.
+        """
+        with self._cond:
+            while (speed := self.config.speed) is not None:
+                now = time.perf_counter()
+                if not self._next_step_at:
+                    self._next_step_at = now
+                if now >= self._next_step_at or self._stop_requested or self._pause_requested:
+                    break
+                self._flush()  # a slow run shows each step as it happens
+                self._cond.wait(self._next_step_at - now)
+            if speed is not None:
+                # A fixed schedule, so late wake-ups do not add up; a step later than one
+                # period is not made up by a burst (the class would see the jump).
+                period = 1.0 / speed
+                self._next_step_at = max(self._next_step_at + period, time.perf_counter() - period)
 
     def _batch_bounds(self) -> list[tuple[int, int]]:
         if isinstance(self.data, Loaders):
@@ -877,10 +930,16 @@ class Experiment:
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
 
-        # Measure before clipping: the plots show what the network produced.
-        stats = self.probe.measure()
+        # Measure before clipping (the plots show what the network produced), on the device.
+        if self._rows is None:
+            self._rows = torch.empty(ROW_BUFFER, 1 + self.probe.raw_width, device=loss.device)
+            self._row_views = [(row[0], row[1:]) for row in self._rows]  # no indexing per step
+        loss_slot, raw_slot = self._row_views[len(self._row_meta)]
+        loss_slot.copy_(loss.detach())
+        raw = self.probe.measure_raw(out=raw_slot)
         if cfg.clip is not None:
-            nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, stats[0])
+            total = self.probe.total_norm(raw)
+            nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, total)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         self.optimizer.step()
         if self.scheduler is not None and cfg.schedule != "plateau" and self._schedule_left > 0:
@@ -888,16 +947,36 @@ class Experiment:
             self._schedule_left -= 1
         self.step_count += 1
 
-        # Record: one host transfer for the loss and every gradient statistic.
-        values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
-        values.insert(1, lr)
-        self.history.record_row(
-            "step", self.step_count, self.epoch_count, self._step_columns, values
-        )
+        # Record: the rows reach the history in batches (see the module docstring).
+        self._row_meta.append((self.step_count, self.epoch_count, lr))
+        if (
+            len(self._row_meta) == ROW_BUFFER
+            or self._pause_requested
+            or self._observers.get("step_completed")
+            or time.perf_counter() - self._flushed_at > FLUSH_SECONDS
+        ):
+            self._flush()
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
                 self._cond.notify_all()  # step() is waiting for this step
+
+    def _flush(self) -> None:
+        """Move the buffered rows into the history: one host transfer for all of them.
+
+        Note: a check that must see every step's loss (a divergence guard) belongs here,
+        on the whole block at once, rather than in the step, where it would cost a host
+        sync per step on a GPU; it then acts at most one batch of steps late.
+        """
+        self._flushed_at = time.perf_counter()
+        if not self._row_meta:
+            return
+        block = self._rows[: len(self._row_meta)].cpu()
+        stats = self.probe.combine(block[:, 1:])
+        steps, epochs, lrs = zip(*self._row_meta, strict=True)
+        self._row_meta = []
+        values = np.column_stack([block[:, 0].numpy(), lrs, stats.numpy()])
+        self.history.record_rows("step", steps, epochs, self._step_columns, values)
 
     def _eval_batches(self, split: str) -> Any:
         if isinstance(self.data, Loaders):
@@ -912,6 +991,7 @@ class Experiment:
             yield x[start : start + size], y[start : start + size]
 
     def _evaluate(self) -> None:
+        self._flush()
         metrics = {}
         for split in ("train", "val"):
             loss, acc = evaluate_batches(
@@ -940,7 +1020,13 @@ class Experiment:
                 self._event(
                     "early_stopped", label, {"best_step": stopper.best_step, "best": stopper.best}
                 )
+        self._diagnose()
         self._emit("evaluated", metrics)
+
+    def _diagnose(self) -> None:
+        # Note: the detectors read accuracies; a regression has none, so they sit it out.
+        if self.task != "regression":
+            self.diagnosis.check(self)
 
     # Internals
 
@@ -1148,8 +1234,3 @@ def evaluate_batches(
     if task == "regression":
         return loss, None
     return loss, correct.item() / max(counted, 1)
-
-
-def _diagnose_every(experiment: Experiment, _: Any) -> None:
-    if experiment.step_count % CHECK_EVERY == 0:
-        experiment.diagnosis.check(experiment)

@@ -8,9 +8,10 @@ training; the panel's Start, Step and Reset are disabled for that reason.
 Gradients are collected with hooks: a post-accumulate-grad hook on each parameter keeps a
 reference to its gradient (no arithmetic, no copy), so the gradient is still there when you
 call `log()` even if your loop has already called ``optimizer.zero_grad()``. At `log()`
-nbtrain reduces the kept gradients on the device with the same fused kernels as the engine
-and leaves the result there with your tensor metrics; reading `history` (the panel does, at
-each refresh, in its own thread) reads everything logged since in one host transfer. So
+nbtrain reduces the kept gradients with the same probe as the engine (per-tensor norms,
+on the device) and leaves the result there with your tensor metrics; reading `history`
+(the panel does, at each refresh, in its own thread) reads everything logged since in one
+host transfer. So
 your loop never waits for the device on nbtrain's account: one sync per panel update.
 Note: a kept reference holds one extra set of gradients in memory until the next `log()`.
 
@@ -146,16 +147,18 @@ class Watcher:
             if not records:
                 return
             packed = [record[-1] for record in records if record[-1] is not None]
-            flat = torch.cat([p.to(packed[0].device) for p in packed]).tolist() if packed else []
+            # The one host transfer, then per-layer statistics on the CPU (`combine`).
+            flat = torch.cat([p.to(packed[0].device) for p in packed]).cpu() if packed else None
             at = 0
             for step, epoch, names, values, tensor_at, measured, lr, _ in records:
                 values = list(values)
                 for index in tensor_at:
-                    values[index], at = flat[at], at + 1
+                    values[index], at = float(flat[at]), at + 1
                 stats: list[float] = []
                 if measured:
-                    width = len(self.probe.columns)
-                    stats, at = flat[at : at + width], at + width
+                    width = self.probe.raw_width
+                    stats = self.probe.combine(flat[at : at + width])[0].tolist()
+                    at += width
                 self._record(step, epoch, names, values, stats, lr)
 
     def _record(
@@ -365,7 +368,7 @@ class Watcher:
             values[i].detach().float().reshape(1).to(device, non_blocking=True) for i in tensor_at
         ]
         if grads:
-            parts.append(self.probe.measure(grads))
+            parts.append(self.probe.measure_raw(grads_by_id=grads).float().to(device))
         packed = torch.cat(parts) if parts else None
         lr = None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
         record = (step, self.epoch_count, names, values, tensor_at, bool(grads), lr, packed)

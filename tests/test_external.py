@@ -146,7 +146,7 @@ class _CountReads:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-def test_host_reads_one_per_panel_update_for_your_loop_one_per_engine_step(
+def test_host_reads_one_per_panel_update_for_your_loop_none_per_engine_step(
     small_data, monkeypatch
 ):
     model, optimizer, (x, y) = _setup(small_data)
@@ -161,5 +161,8 @@ def test_host_reads_one_per_panel_update_for_your_loop_one_per_engine_step(
         watcher.log(step=step, loss=loss, val_acc=torch.tensor(0.5))
     assert reads.count == 0
     assert len(watcher.history) == 3 and reads.count == 1  # the panel's read: all at once
-    exp._train_step()  # the engine: loss, lr and every gradient statistic of every layer
-    assert reads.count == 2
+    try:
+        exp._train_step()  # the engine buffers its rows on the device too, flushed in blocks
+        assert reads.count == 1
+    finally:
+        exp.stop()  # step() left a paused worker

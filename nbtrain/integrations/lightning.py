@@ -307,7 +307,7 @@ class NbtrainCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         if self._probe is not None:
-            self._stats = self._probe.measure()  # stays on the device: no sync here
+            self._stats = self._probe.measure_raw()  # per-tensor norms, on the device: no sync
 
     def on_train_batch_end(
         self,
@@ -320,14 +320,16 @@ class NbtrainCallback(pl.Callback):
         if self._probe is None or self._stats is None or trainer.global_step == self._last_step:
             return  # not rank 0, or no optimizer step yet (gradient accumulation)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        stats, self._stats = self._stats, None
-        parts = [stats]
+        raw, self._stats = self._stats, None
+        parts = [raw.float()]
         if isinstance(loss, torch.Tensor):
-            parts.insert(0, loss.detach().float().reshape(1).to(stats.device))
-        values = torch.cat(parts).tolist()  # the step's one host transfer
+            parts.insert(0, loss.detach().float().reshape(1).to(raw.device))
+        block = torch.cat(parts).cpu()  # the step's one host transfer
+        values = self._probe.combine(block[-self._probe.raw_width :])[0].tolist()
         names = list(self._probe.columns)
         if isinstance(loss, torch.Tensor):
             names.insert(0, "train_loss")
+            values.insert(0, float(block[0]))
         names.append("lr")
         values.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
         self._last_step = trainer.global_step

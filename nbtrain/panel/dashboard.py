@@ -57,11 +57,12 @@ class Dashboard(w.VBox):
 
     Parameters:
         experiment: the experiment to drive and watch, or a Watcher.
-        rate: the most refreshes per second (at most 10 messages a second per mark).
+        rate: the most refreshes per second; each refresh sends at most one message per
+            widget that changed, so no widget gets more than `rate` messages a second.
         max_points: the most points one plotted line carries, whatever the run's length.
     """
 
-    def __init__(self, experiment: Experiment, *, rate: float = 10.0, max_points: int = 2000):
+    def __init__(self, experiment: Experiment, *, rate: float = 5.0, max_points: int = 2000):
         if not isinstance(experiment, (Experiment, Watcher)):
             raise ValueError(
                 f"experiment must be an nbtrain.Experiment or nbtrain.watch(model), "
@@ -151,6 +152,25 @@ class Dashboard(w.VBox):
             continuous_update=False,
             readout_format=".1e",
         )
+        # Pace (a lecture's slow motion): changes how fast the run goes, never its results.
+        self.speed_toggle = w.ToggleButton(
+            value=cfg.speed is not None,
+            description="Slow motion",
+            icon="clock-o",
+            layout=w.Layout(width="120px"),
+        )
+        self.speed_slider = w.FloatLogSlider(
+            value=cfg.speed or 10.0,
+            base=10,
+            min=-0.5,
+            max=2.5,
+            step=0.1,
+            description="steps/s",
+            continuous_update=False,
+            readout_format=".2g",
+        )
+        for widget in (self.speed_toggle, self.speed_slider):
+            widget.observe(self._guard(self._send_speed), names="value")
         self.readouts = {name: w.HTML() for name in LIVE_KEYS}
         for widget in (self.dropout_toggle, self.dropout_rate):
             widget.observe(self._guard(self._send_dropout), names="value")
@@ -224,6 +244,7 @@ class Dashboard(w.VBox):
                     self.lr_slider,
                     self.readouts["lr"],
                 ),
+                row(self.speed_toggle, self.speed_slider),
             ]
         )
         self.plots = w.GridBox(
@@ -385,6 +406,9 @@ class Dashboard(w.VBox):
         rate = self.dropout_rate.value if self.dropout_toggle.value else 0.0
         self.experiment.set(dropout=round(rate, 4))
 
+    def _send_speed(self, _: Any) -> None:
+        self.experiment.set(speed=self.speed_slider.value if self.speed_toggle.value else None)
+
     def _send_clip(self, _: Any) -> None:
         self.experiment.set(clip=self.clip_norm.value if self.clip_toggle.value else None)
 
@@ -518,17 +542,21 @@ class Dashboard(w.VBox):
         elif exp.history.last("val_loss") is not None:
             parts.append(f"val loss {exp.history.last('val_loss'):.4g}")
         self.status.value = " · ".join(parts)
-        self.progress.value = exp.progress
-        self.progress.bar_style = {"failed": "danger", "finished": "success"}.get(exp.state, "")
+        with self.progress.hold_sync():  # one message for both traits
+            self.progress.value = exp.progress
+            self.progress.bar_style = {"failed": "danger", "finished": "success"}.get(
+                exp.state, ""
+            )
 
     def _update_controls(self) -> None:
         exp = self.experiment
         running, paused = exp.running, exp.state == "paused"
         off = self._fixed_off
         self.start_button.disabled = (running and not paused) or id(self.start_button) in off
-        self.pause_button.disabled = not running
-        self.pause_button.description = "Resume" if paused else "Pause"
-        self.pause_button.icon = "play" if paused else "pause"
+        with self.pause_button.hold_sync():  # one message for the three traits
+            self.pause_button.disabled = not running
+            self.pause_button.description = "Resume" if paused else "Pause"
+            self.pause_button.icon = "play" if paused else "pause"
         self.step_button.disabled = (running and not paused) or id(self.step_button) in off
         self.stop_button.disabled = not running
         pending = exp.pending
