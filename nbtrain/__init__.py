@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from .challenges import PRESET_NAMES as presets
 from .config import Config
 from .engine import Experiment, evaluate
+from .external import Watcher, watch
 from .history import Event, History
-from .model import FunnelMLP, funnel_widths
+from .model import FunnelMLP, SmallCNN, funnel_widths
 from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
@@ -29,16 +30,27 @@ __all__ = [
     "NBVAL_SANITIZE",
     "Run",
     "RunRegistry",
+    "SmallCNN",
+    "Watcher",
     "evaluate",
     "funnel_widths",
+    "load_ipython_extension",
     "presets",
     "session_runs",
+    "watch",
 ]
 __version__ = "0.1.0"
 
 #: nbval sanitizer for nbtrain's variable output (rates, durations): pass it to
 #: ``pytest --nbval --nbval-sanitize-with``.
 NBVAL_SANITIZE = str(Path(__file__).with_name("nbval_sanitize.cfg"))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbtrain``: registers the ``%nbtrain`` line magic (`nbtrain.magic`)."""
+    from .magic import register
+
+    register(ipython)
 
 
 def __getattr__(name: str) -> Any:

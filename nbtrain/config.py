@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 Init = Literal[
@@ -109,6 +110,7 @@ class Config:
     eval_every: int | None = None
     eval_batch_size: int = 512
     threads: int | None = None
+    device: str = "auto"  # "auto": cuda if available, then mps, else cpu; or "cpu", "cuda:1"
     speed: float | None = None  # steps per second at most (a lecture's pace); None: full speed
 
     def replace(self, **changes: Any) -> Config:
@@ -211,6 +213,10 @@ def check_value(name: str, value: Any) -> Any:
         return int(value)
     if name == "val_fraction":
         return _check_fraction(name, value, low_open=True)
+    if name == "device":
+        if not isinstance(value, (str, torch.device)):
+            raise _fail(name, value, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return str(value)
     if name == "label_noise":
         return _check_fraction(name, value, low_open=False)
     if name == "speed":

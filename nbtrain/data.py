@@ -28,14 +28,27 @@ class Split:
     mean: torch.Tensor  # the training statistics the inputs were standardized with
     std: torch.Tensor
     image_shape: tuple[int, int] | None = None  # (height, width) when rows are images
+    task: str = "classification"  # or "regression": float targets of shape (n, outputs)
 
     @property
     def n_features(self) -> int:
-        return self.x_train.shape[1]
+        return self.x_train[0].numel()
 
     @property
     def n_classes(self) -> int:
+        """Classes for classification; for regression, the number of target columns."""
+        if self.task == "regression":
+            return self.y_train.shape[1] if self.y_train.ndim > 1 else 1
         return len(self.classes)
+
+    def to(self, device: torch.device) -> Split:
+        """The same split with every tensor on `device` (moved once, not per batch)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +129,7 @@ def prepare(
     seed: int,
     train_size: int | None = None,
     label_noise: float = 0.0,
+    task: str = "classification",
 ) -> Split:
     """Split, standardize and convert `data` (None for digits, or a pair `(X, y)`).
 
@@ -127,6 +141,9 @@ def prepare(
     X may be any real dtype (float64 and integers are converted to float32) and any shape
     whose first axis is the samples (images are flattened). y may hold any labels: they are
     mapped to 0..n-1 in sorted order, the originals kept in `Split.classes`.
+
+    For ``task="regression"`` the targets stay numbers (float32, one column per output) and
+    the split is random rather than stratified.
     """
     from sklearn.model_selection import train_test_split
 
@@ -155,10 +172,24 @@ def prepare(
             f"val_fraction={val_fraction:g}, got {len(x)} rows"
         )
     x = _check_inputs(x).reshape(len(x), -1)
-    y = _check_labels(y, len(x))
-    classes, y_index = np.unique(y, return_inverse=True)
-
-    x_train, x_val, y_train, y_val = _split(x, y_index, val_fraction, seed)
+    if task == "regression":
+        if label_noise > 0:
+            raise ValueError("label_noise replaces class labels, and a regression has none")
+        classes = np.zeros(0)
+        y_index = np.asarray(y, dtype=np.float32).reshape(len(y), -1)
+        if not np.isfinite(y_index).all():
+            bad = np.argwhere(~np.isfinite(y_index))
+            raise ValueError(
+                f"data y must be finite for a regression; it has {len(bad)} NaN or inf "
+                f"values, the first at row {int(bad[0][0])}"
+            )
+        x_train, x_val, y_train, y_val = train_test_split(
+            x, y_index, test_size=val_fraction, random_state=seed
+        )
+    else:
+        y = _check_labels(y, len(x))
+        classes, y_index = np.unique(y, return_inverse=True)
+        x_train, x_val, y_train, y_val = _split(x, y_index, val_fraction, seed)
     if train_size is not None and train_size < len(y_train):
         if train_size < len(classes):
             raise ValueError(
@@ -166,7 +197,11 @@ def prepare(
                 f"got {train_size}"
             )
         x_train, _, y_train, _ = train_test_split(
-            x_train, y_train, train_size=train_size, random_state=seed, stratify=y_train
+            x_train,
+            y_train,
+            train_size=train_size,
+            random_state=seed,
+            stratify=y_train if task != "regression" else None,
         )
     if label_noise > 0:
         rng = np.random.default_rng(seed)
@@ -184,14 +219,16 @@ def prepare(
         mean = x_train.mean(axis=0, dtype=np.float64)
         std = x_train.std(axis=0, dtype=np.float64)
         std[std == 0] = 1.0  # a constant feature stays zero instead of dividing by 0
+    y_type = np.float32 if task == "regression" else np.int64
     return Split(
         x_train=torch.from_numpy(((x_train - mean) / std).astype(np.float32)),
-        y_train=torch.from_numpy(y_train.astype(np.int64)),
+        y_train=torch.from_numpy(y_train.astype(y_type)),
         x_val=torch.from_numpy(((x_val - mean) / std).astype(np.float32)),
-        y_val=torch.from_numpy(y_val.astype(np.int64)),
+        y_val=torch.from_numpy(y_val.astype(y_type)),
         classes=classes,
         name=name,
         mean=torch.from_numpy(mean.astype(np.float32)),
         std=torch.from_numpy(std.astype(np.float32)),
         image_shape=image_shape,
+        task=task,
     )

@@ -131,7 +131,7 @@ class VanishingGradients(Detector):
             Remedy("ReLU + He init (restart)", {"activation": "relu", "init": "he"}, restart=True),
             Remedy("ReLU activations", {"activation": "relu"}),
         ]
-        if experiment.model.residual_blocks:
+        if getattr(experiment.model, "residual_blocks", 0):  # the built-in MLP only
             found.append(Remedy("Skip connections", {"skip": True}))
         return tuple(found)
 

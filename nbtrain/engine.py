@@ -38,15 +38,27 @@ from torch import nn
 
 from .challenges import preset_config
 from .config import LIVE_KEYS, Config, check_changes, check_value, make_config
-from .data import Split, prepare
+from .data import Split
 from .diagnosis import CHECK_EVERY, Diagnosis, Finding
+from .foreign import ModelReport, Switches, check_layers, probe_layers
 from .gradients import GradientProbe
 from .history import Event, History
 from .internals import Internals, measure_internals
-from .model import FunnelMLP, initialize
+from .model import initialize
 from .optim import OWNS_LR, WEIGHT_DECAY_STYLE, make_optimizer, make_scheduler
 from .regularization import EarlyStopping, l1_penalty, shift_and_noise
 from .runs import Run, RunRegistry, session_runs
+from .sources import (
+    Loaders,
+    ModelSource,
+    OptimizerSource,
+    check_loss,
+    default_loss,
+    make_data,
+    resolve_device,
+    split_batch,
+    weight_decay_style,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +94,67 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A batch's tensors on `device` (tensors, or tuples, lists and dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
 class Experiment:
     """A network, its data and optimizer, and the controls to train it live.
+
+    With no arguments: the built-in funnel MLP on the digits. Bring your own with
+    ``model=`` (an ``nn.Module``, or ``"cnn"`` for `nbtrain.model.SmallCNN` on the digits),
+    ``train_data=``/``val_data=`` (tensors, numpy arrays, a Dataset or a DataLoader; see
+    `nbtrain.sources`), ``loss_fn=``, ``task=`` and ``optimizer=`` (a name, a factory
+    ``f(params) -> Optimizer`` or an Optimizer instance over your model).
 
     >>> exp = Experiment(epochs=1)
     >>> exp.run().last("val_acc") > 0.5
     True
     """
 
-    def __init__(self, data: Any = None, *, preset: str | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        data: Any = None,
+        *,
+        preset: str | None = None,
+        model: Any = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        loss_fn: Any = None,
+        task: str | None = None,
+        **config: Any,
+    ) -> None:
         if preset is not None:
             config = {**preset_config(preset), **config}
         self.preset = preset
+        # Your model, data, loss and optimizer become a model source, data and a loss here.
+        self._optimizer_source: OptimizerSource | None = None
+        if "optimizer" in config and not isinstance(config["optimizer"], str):
+            module = model if isinstance(model, nn.Module) else None
+            self._optimizer_source = OptimizerSource(config.pop("optimizer"), module)
+        self._given = set(config)  # what the user chose, rather than the defaults
         self.config: Config = make_config(config)
+        if self._optimizer_source is not None:
+            self.config = self.config.replace(optimizer="custom")
+        self.device = resolve_device(self.config.device)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
-        self._data_arg = data
-        self.data: Split = self._prepare(self.config)
-        self._check_fits(
-            self.config,
-            {
-                "skip": self.config.skip,
-                "augment": self.config.augment,
-                "batchnorm": self.config.batchnorm,
-            },
-        )
+        check_loss(loss_fn)
+        self._model_source = ModelSource(model)
+        self._data_args = (data, train_data, val_data, task, loss_fn)
+        self.data: Split | Loaders = self._make_data(self.config)
+        self.task: str = self.data.task
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss(self.task)
+        if self._model_source.module is not None:
+            self._adopt_model_settings(self._model_source.module)
+        self._switches: Switches | None = None
         self._internals_wanted = False
         self.internals: Internals | None = None
         self._cond = threading.Condition(threading.RLock())
@@ -119,39 +167,85 @@ class Experiment:
         self._single_steps = 0
         self._pending: dict[str, Any] = {}
         self._boundary_calls: list[Callable[[], None]] = []  # see at_boundary()
-        self._loop_thread: threading.Thread | None = None
         self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
         self.current_run: Run | None = None
         self._build()
+        chosen = {k: getattr(self.config, k) for k in self._given if hasattr(self.config, k)}
+        self._check_fits(self.config, chosen)
 
-    def _prepare(self, cfg: Config) -> Split:
-        return prepare(
-            self._data_arg,
+    def _make_data(self, cfg: Config) -> Split | Loaders:
+        data, train_data, val_data, task, loss_fn = self._data_args
+        made = make_data(
+            data,
+            train_data,
+            val_data,
+            task=task,
+            loss_fn=loss_fn,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             train_size=cfg.train_size,
             label_noise=cfg.label_noise,
+            batch_size=cfg.batch_size,
+            eval_batch_size=cfg.eval_batch_size,
         )
+        return made.to(self.device) if isinstance(made, Split) else made
+
+    def _adopt_model_settings(self, model: nn.Module) -> None:
+        """Your model's own dropout rate and batch norm are the settings in force unless
+        you chose others, so the panel's switches start where your model is."""
+        switches = Switches(model)
+        adopted = {}
+        if "dropout" not in self._given and switches.dropouts:
+            adopted["dropout"] = switches.dropout_rate
+        if "batchnorm" not in self._given:
+            adopted["batchnorm"] = bool(switches.batchnorms)
+        self.config = self.config.replace(**adopted)
+
+    @property
+    def builtin_model(self) -> str | None:
+        """ "mlp" or "cnn" when nbtrain built the model, None for yours."""
+        return self._model_source.builtin
 
     def _build(self) -> None:
-        """A fresh model, optimizer and history from the seed and the current config."""
+        """A fresh model, optimizer and history from the seed and the current config.
+
+        A model you brought is not rebuilt: its weights go back to what they were when the
+        experiment was made, and the live settings in force are applied to it.
+        """
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        self.model: nn.Module = FunnelMLP(
-            self.data.n_features, cfg.hidden, self.data.n_classes, cfg.activation
-        )
-        initialize(self.model, cfg.init, cfg.activation, cfg.init_std)
-        self.model.set_dropout(cfg.dropout)
-        self.model.set_batchnorm(cfg.batchnorm)
-        self.model.set_skip(cfg.skip)
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.model: nn.Module = self._model_source.make(cfg, self.data).to(self.device)
+        if self.builtin_model or "init" in self._given:  # your model keeps your init
+            initialize(self.model, cfg.init, cfg.activation, cfg.init_std)
+        if self._switches is None or self._switches.model is not self.model:
+            self._switches = Switches(self.model)
+        switches = self._switches
+        if self.builtin_model == "mlp":
+            switches.set_dropout(cfg.dropout)
+            switches.set_batchnorm(cfg.batchnorm)
+            switches.set_skip(cfg.skip)
+        else:
+            if switches.dropouts and cfg.dropout != switches.dropout_rate:
+                switches.set_dropout(cfg.dropout)
+            if switches.batchnorms and cfg.batchnorm != switches.batchnorm_on:
+                switches.set_batchnorm(cfg.batchnorm)
+        if isinstance(self.data, Loaders) and self.data.own_batching:
+            self.data.rebatch(cfg.batch_size)  # the same shuffled order as the first run
+        self._batches: Any = None
+        self._report: ModelReport | None = None
         self.optimizer = self._make_optimizer()
         self.scheduler: Any = None  # made when a run begins; see _schedule()
         self._schedule_left = 0
         self.early_stopping = EarlyStopping()
         self._early_stop_hit = False
         self._augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.probe = GradientProbe(self.model, self.model.named_layers())
+        self._layers = probe_layers(self.model)
+        self.probe = GradientProbe(self.model, self._layers)
+        self._l1_weights = [
+            m.weight
+            for _, m in self._layers
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.requires_grad
+        ]
         # Batch norm's running statistics, saved before each step while batch norm is on, so
         # a step refused as non-finite leaves no trace in them either.
         self._buffers = [b for b in self.model.buffers()]
@@ -182,6 +276,8 @@ class Experiment:
 
     def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         cfg = self.config
+        if cfg.optimizer == "custom":
+            return self._make_custom_optimizer(lr)
         return make_optimizer(
             cfg.optimizer,
             self.model.parameters(),
@@ -189,6 +285,27 @@ class Experiment:
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
         )
+
+    def _make_custom_optimizer(self, lr: float | None) -> torch.optim.Optimizer:
+        """Your optimizer, afresh. Its learning rate and weight decay are the settings in
+        force unless you chose others (by Experiment(lr=...) or set(lr=...))."""
+        assert self._optimizer_source is not None
+        optimizer = self._optimizer_source.make(self.model)
+        group = optimizer.param_groups[0]
+        adopted = {}
+        for name in ("lr", "weight_decay"):
+            if name == "lr" and lr is not None:
+                value = lr
+            elif name in self._given or name not in group:
+                value = getattr(self.config, name)
+            else:
+                adopted[name] = float(group[name])
+                continue
+            for each in optimizer.param_groups:
+                each[name] = value
+        if adopted:
+            self.config = self.config.replace(**adopted)
+        return optimizer
 
     def _schedule(self) -> None:
         """(Re)make the learning-rate schedule over what is left of the current run.
@@ -209,6 +326,8 @@ class Experiment:
     @property
     def weight_decay_style(self) -> str:
         """How weight_decay (L2) is applied by the optimizer in force."""
+        if self.config.optimizer == "custom":
+            return weight_decay_style(self.optimizer)
         return WEIGHT_DECAY_STYLE[self.config.optimizer]
 
     # Observers
@@ -258,7 +377,7 @@ class Experiment:
                 self._cond.notify_all()  # a step waiting on the old pace goes on the new one
             if not changes:
                 return
-        checked = check_changes(changes, self.config)
+        checked = self._check_changes(changes)
         with self._cond:
             after = {**dataclasses.asdict(self.config), **self._pending, **checked}
             self._check_fits(after, checked)
@@ -268,19 +387,81 @@ class Experiment:
                     f"set(schedule='none') or 'plateau' first to change it by hand"
                 )
             self._pending.update(checked)
+            self._given.update(checked)
             if not self._loop_active:
                 self._apply_pending()
+
+    def _check_changes(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """`check_changes`, plus optimizer="custom": back to the optimizer you passed."""
+        if changes.get("optimizer") != "custom":
+            return check_changes(changes, self.config)
+        if self._optimizer_source is None:
+            raise ValueError(
+                "optimizer='custom' means the optimizer you passed as Experiment(optimizer=...)"
+                ", and this experiment has none; use one of sgd, momentum, adam, adamw, rmsprop"
+            )
+        rest = {k: v for k, v in changes.items() if k != "optimizer"}
+        return {**(check_changes(rest, self.config) if rest else {}), "optimizer": "custom"}
+
+    def unavailable(self) -> dict[str, str]:
+        """The controls that cannot act on this experiment, each with the reason why.
+
+        The panel disables them and shows the reason; `set()` refuses them with it.
+        """
+        reasons = {}
+        for name in ("dropout", "batchnorm", "activation", "skip"):
+            reason = self.switches.unavailable(name)
+            if reason:
+                reasons[name] = reason
+        if "skip" not in reasons and self.switches.residual_blocks == 0:
+            reasons["skip"] = "no hidden block has equal input and output width here"
+        if isinstance(self.data, Loaders) and not self.data.own_batching:
+            reasons["batch_size"] = (
+                f"the batch size is your DataLoader's ({self.data.train.batch_size}); pass a "
+                "Dataset instead to let nbtrain batch it"
+            )
+        if self.data.image_shape is None:
+            reasons["augment"] = "augmentation shifts image pixels; this data has no image shape"
+        if self.builtin_model != "mlp":
+            reasons["hidden"] = "hidden widths belong to nbtrain's built-in MLP, not to this model"
+            reasons["init_inspector"] = "the init inspector compares fresh built-in MLPs"
+        if self.task == "regression":
+            reasons["accuracy"] = "a regression has no accuracy: the panel shows the loss only"
+        return reasons
+
+    @property
+    def switches(self) -> Switches:
+        assert self._switches is not None
+        return self._switches
+
+    @property
+    def n_train(self) -> int | None:
+        """Training samples (None for a DataLoader over a dataset without a length)."""
+        if isinstance(self.data, Loaders):
+            return self.data.n_train
+        return len(self.data.y_train)
 
     def _check_fits(self, after: Any, changed: dict[str, Any]) -> None:
         """Refuse settings that are valid alone but not for this model, data or schedule."""
         get = after.get if isinstance(after, dict) else lambda k: getattr(after, k)
+        reasons = self.unavailable()
+        for name in ("dropout", "batchnorm", "activation", "skip", "batch_size", "hidden"):
+            if name in changed and name in reasons and name != "skip":
+                raise ValueError(f"{name}={changed[name]!r} cannot act here: {reasons[name]}")
+        if "skip" in changed and self.switches.unavailable("skip"):
+            raise ValueError(f"skip={changed['skip']!r} cannot act here: {reasons['skip']}")
+        if get("monitor") == "val_acc" and self.task == "regression":
+            raise ValueError(
+                "monitor='val_acc' needs an accuracy, and a regression records none; "
+                "use monitor='val_loss'"
+            )
         if changed.get("skip") and not self._residual_blocks(get("hidden")):
             raise ValueError(
                 f"skip=True needs hidden blocks of equal input and output width, and "
                 f"hidden={get('hidden')} has none; use e.g. hidden=(64, 64, 64)"
             )
-        n_train = len(self.data.y_train)
-        if changed.get("batchnorm") and n_train < 2:
+        n_train = self.n_train
+        if changed.get("batchnorm") and n_train is not None and n_train < 2:
             raise ValueError(
                 f"batchnorm=True needs at least 2 training samples (batch norm cannot "
                 f"normalize a single sample), got a training split of {n_train}"
@@ -318,13 +499,13 @@ class Experiment:
     def _apply_one(self, name: str, value: Any) -> str | None:
         """Make one live change take effect; returns a note for the event, if any."""
         if name == "dropout":
-            self.model.set_dropout(value)
+            self.switches.set_dropout(value)
         elif name == "batchnorm":
-            self.model.set_batchnorm(value)
+            self.switches.set_batchnorm(value)
         elif name == "activation":
-            self.model.set_activation(value)
+            self.switches.set_activation(value)
         elif name == "skip":
-            self.model.set_skip(value)
+            self.switches.set_skip(value)
         elif name == "lr":
             for group in self.optimizer.param_groups:
                 group["lr"] = value
@@ -553,13 +734,22 @@ class Experiment:
         that is training, so it is a new run: the model is rebuilt, the history starts empty.
         """
         before = self.config
-        config = make_config({**dataclasses.asdict(before), **changes})
+        custom = {"optimizer": "custom"} if before.optimizer == "custom" else {}
+        kept = {k: v for k, v in dataclasses.asdict(before).items() if k not in custom}
+        new = {k: v for k, v in changes.items() if not (k == "optimizer" and v == "custom")}
+        if changes.get("optimizer") == "custom":
+            self._check_changes({"optimizer": "custom"})
+            custom = {"optimizer": "custom"}
+        elif "optimizer" in changes:
+            custom = {}
+        config = make_config({**kept, **new}).replace(**custom)
         self.stop()
         with self._cond:
             split_keys = ("seed", "val_fraction", "train_size", "label_noise")
             if any(getattr(config, k) != getattr(before, k) for k in split_keys):
-                self.data = self._prepare(config)
+                self.data = self._make_data(config)
             self._check_fits(config, changes)
+            self._given.update(changes)
             self.config = config
             self._pause_requested = False
             self._single_steps = 0
@@ -650,6 +840,7 @@ class Experiment:
         try:
             self._emit("run_started")
             if self.history.n_evals == 0:
+                self._warn_about_layers()
                 self._evaluate()
             while self.epoch_count < self._target_epoch:
                 if not self._take_turn():
@@ -660,7 +851,7 @@ class Experiment:
                     break
                 if self.step_count % CHECK_EVERY == 0:  # the detectors read the history
                     self._flush()
-                    self.diagnosis.check(self)
+                    self._diagnose()
                 if self._pos >= len(self._bounds):
                     self.epoch_count += 1
                     self._evaluate()
@@ -712,6 +903,13 @@ class Experiment:
             self.state, self.exception = "failed", exc
             self.error = traceback.format_exc()
             log.error("a run_ended observer failed:\n%s", self.error)
+
+    def _warn_about_layers(self) -> None:
+        """Before the first step: say which layers will show no gradient, and why."""
+        problems = self.report().problems
+        if problems:
+            names = ", ".join(f"{layer.name} ({layer.status})" for layer in problems)
+            log.warning("these layers will get no gradient: %s", names)
 
     def _restore_best(self) -> None:
         """With early stopping and restore_best, every run ends on its best weights."""
@@ -787,6 +985,9 @@ class Experiment:
                 self._next_step_at = max(self._next_step_at + period, time.perf_counter() - period)
 
     def _batch_bounds(self) -> list[tuple[int, int]]:
+        if isinstance(self.data, Loaders):
+            # A loader's epoch: its batches by number (the loader holds the samples).
+            return [(i, i + 1) for i in range(len(self.data.train))]
         n, size = len(self.data.y_train), self.config.batch_size
         starts = list(range(0, n, size))
         if n % size == 1 and len(starts) > 1:
@@ -794,15 +995,36 @@ class Experiment:
         ends = [*starts[1:], n]
         return list(zip(starts, ends))
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self) -> tuple[Any, torch.Tensor]:
+        if isinstance(self.data, Loaders):
+            return self._next_loader_batch(self.data)
         if self._pos >= len(self._bounds):
-            self._perm = torch.randperm(len(self.data.y_train), generator=self._order)
+            order = torch.randperm(len(self.data.y_train), generator=self._order)
+            self._perm = order.to(self.device)  # drawn on the CPU: the same order everywhere
             self._bounds = self._batch_bounds()
             self._pos = 0
         start, end = self._bounds[self._pos]
         self._pos += 1
         index = self._perm[start:end]
         return self.data.x_train[index], self.data.y_train[index]
+
+    def _next_loader_batch(self, data: Loaders) -> tuple[Any, torch.Tensor]:
+        if self._pos >= len(self._bounds) or self._batches is None:
+            if data.own_batching and data.train.batch_size != self.config.batch_size:
+                data.rebatch(self.config.batch_size)
+            self._bounds = self._batch_bounds()
+            self._batches = iter(data.train)
+            self._pos = 0
+        self._pos += 1
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"train_data ended after {self._pos - 1} batches, though its length is "
+                f"{len(self._bounds)}"
+            ) from None
+        x, y = split_batch(batch, "train_data")
+        return _to_device(x, self.device), _to_device(y, self.device)
 
     def _train_step(self) -> bool:
         """One step; False if it was refused as non-finite (no update; the run diverged)."""
@@ -824,8 +1046,8 @@ class Experiment:
         self.model.train()
         loss = self.loss_fn(self.model(x), y)
         objective = loss
-        if cfg.l1 > 0:
-            objective = loss + cfg.l1 * l1_penalty(m.weight for _, m in self.probe_layers)
+        if cfg.l1 > 0 and self._l1_weights:
+            objective = loss + cfg.l1 * l1_penalty(self._l1_weights)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
 
@@ -872,7 +1094,7 @@ class Experiment:
             self._flush()
         if refused:
             self._enter_diverged()
-            self.diagnosis.check(self)  # the detectors see the non-finite row at once
+            self._diagnose()  # the detectors see the non-finite row at once
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
@@ -939,16 +1161,28 @@ class Experiment:
         values = np.column_stack([block[:, 0].numpy(), lrs, stats.numpy()])
         self.history.record_rows("step", steps, epochs, self._step_columns, values)
 
+    def _eval_batches(self, split: str) -> Any:
+        if isinstance(self.data, Loaders):
+            for batch in self.data.eval_batches(split):
+                x, y = split_batch(batch, f"{split}_data")
+                yield _to_device(x, self.device), _to_device(y, self.device)
+            return
+        x = self.data.x_train if split == "train" else self.data.x_val
+        y = self.data.y_train if split == "train" else self.data.y_val
+        size = self.config.eval_batch_size
+        for start in range(0, len(y), size):
+            yield x[start : start + size], y[start : start + size]
+
     def _evaluate(self) -> None:
         self._flush()
         metrics = {}
-        for split, x, y in (
-            ("train", self.data.x_train, self.data.y_train),
-            ("val", self.data.x_val, self.data.y_val),
-        ):
-            loss, acc = evaluate(self.model, x, y, self.loss_fn, self.config.eval_batch_size)
+        for split in ("train", "val"):
+            loss, acc = evaluate_batches(
+                self.model, self._eval_batches(split), self.loss_fn, self.task
+            )
             metrics[f"{split}_loss"] = loss
-            metrics[f"{split}_acc"] = acc
+            if acc is not None:
+                metrics[f"{split}_acc"] = acc
         self.history.record("eval", self.step_count, self.epoch_count, metrics)
         cfg = self.config
         watched = metrics[cfg.monitor]
@@ -969,14 +1203,39 @@ class Experiment:
                 self._event(
                     "early_stopped", label, {"best_step": stopper.best_step, "best": stopper.best}
                 )
-        self.diagnosis.check(self)
+        self._diagnose()
         self._emit("evaluated", metrics)
+
+    def _diagnose(self) -> None:
+        # Note: the detectors read accuracies; a regression has none, so they sit it out.
+        if self.task != "regression":
+            self.diagnosis.check(self)
 
     # Internals
 
     @property
     def probe_layers(self) -> list[tuple[str, nn.Module]]:
-        return self.model.named_layers()
+        """The layers the gradient flow shows, by name (`nbtrain.foreign.probe_layers`)."""
+        return self._layers
+
+    def _probe_batch(self, size: int = 256) -> tuple[Any, torch.Tensor]:
+        if isinstance(self.data, Loaders):
+            x, y = self.data.probe_batch(size)
+            return _to_device(x, self.device), _to_device(y, self.device)
+        return self.data.x_train[:size], self.data.y_train[:size]
+
+    def report(self) -> ModelReport:
+        """The watched layers before training: which are frozen or get no gradient.
+
+        One forward and backward pass on a fixed batch that changes nothing (see
+        `nbtrain.foreign.check_layers`); made once per build and kept. Such layers read
+        NaN in the history and show as "frozen" or "no gradient" in the panel, never as 0.
+        """
+        if self._report is None:
+            kind = self.builtin_model or type(self.model).__name__
+            layers = check_layers(self.model, self._layers, self._probe_batch(64), self.loss_fn)
+            self._report = ModelReport(kind, self.task, str(self.device), layers)
+        return self._report
 
     def request_internals(self) -> None:
         """Ask for a fresh `exp.internals` snapshot: now when idle or paused, else at the
@@ -989,9 +1248,10 @@ class Experiment:
 
     def _capture_internals(self) -> None:
         self._internals_wanted = False
-        probe_x = self.data.x_train[:256]
+        probe_x, _ = self._probe_batch()
+        activations = self.model.activations() if self.builtin_model == "mlp" else []
         self.internals = measure_internals(
-            self.model, self.probe_layers, self.model.activations(), probe_x, self.step_count
+            self.model, self.probe_layers, activations, probe_x, self.step_count
         )
 
     # Runs, forks and checkpoints (nbtrain.runs, nbtrain.checkpoint)
@@ -1085,32 +1345,76 @@ class Experiment:
         }
 
     def __repr__(self) -> str:
-        hidden = "-".join(map(str, self.config.hidden))
+        cfg = self.config
+        if self.builtin_model == "mlp":
+            model = f"mlp {'-'.join(map(str, cfg.hidden))} {cfg.activation}"
+        else:
+            model = self.builtin_model or type(self.model).__name__
+        optimizer = type(self.optimizer).__name__ if cfg.optimizer == "custom" else cfg.optimizer
+        batch = cfg.batch_size
+        if isinstance(self.data, Loaders) and not self.data.own_batching:
+            batch = self.data.train.batch_size
+        task = ", regression" if self.task == "regression" else ""
         return (
-            f"Experiment({self.data.name}, mlp {hidden} {self.config.activation}, "
-            f"{self.config.optimizer} lr={self.config.lr:g}, batch {self.config.batch_size})"
+            f"Experiment({self.data.name}, {model}, {optimizer} lr={cfg.lr:g}, "
+            f"batch {batch}{task})"
         )
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch_size: int
-) -> tuple[float, float]:
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    batch_size: int,
+    task: str = "classification",
+) -> tuple[float, float | None]:
     """Loss and accuracy over a whole set in eval mode, weighted by samples, not by batches.
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. For a regression the accuracy is None.
+    """
+    starts = range(0, len(y), batch_size)
+    batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in starts)
+    return evaluate_batches(model, batches, loss_fn, task)
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor, loss_fn: Any) -> torch.Tensor:
+    """Correct predictions: the arg-max class, or for one output a threshold (BCE losses)."""
+    binary = isinstance(loss_fn, (nn.BCELoss, nn.BCEWithLogitsLoss))
+    if not y.is_floating_point() and out.ndim >= 2 and (out.shape[1] > 1 or not binary):
+        return (out.argmax(dim=1) == y).sum()  # one logit and cross-entropy: one class
+    threshold = 0.5 if isinstance(loss_fn, nn.BCELoss) else 0.0  # probabilities or logits
+    return ((out.reshape(y.shape) > threshold) == (y > 0.5)).sum()
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module, batches: Any, loss_fn: Any, task: str = "classification"
+) -> tuple[float, float | None]:
+    """`evaluate` over any iterable of (inputs, targets) batches already on the device.
+
+    The loss is assumed mean-reduced over a batch (PyTorch's default) and re-weighted by
+    the batch's length; the accuracy counts target elements (one per sample, usually).
     """
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros(())
-    correct = torch.zeros((), dtype=torch.long)
+    total_loss = correct = None
+    n = counted = 0
     try:
-        for start in range(0, len(y), batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        for xb, yb in batches:
             out = model(xb)
-            total_loss += loss_fn(out, yb).float() * len(yb)  # a mean-reduced loss, re-weighted
-            correct += (out.argmax(dim=1) == yb).sum()
+            batch_loss = loss_fn(out, yb).float() * len(yb)
+            total_loss = batch_loss if total_loss is None else total_loss + batch_loss
+            n += len(yb)
+            if task != "regression":
+                hits = _correct(out, yb, loss_fn)
+                correct = hits if correct is None else correct + hits
+                counted += yb.numel()
     finally:
         model.train(was_training)
-    n = max(len(y), 1)
-    return total_loss.item() / n, correct.item() / n
+    if total_loss is None:
+        return math.nan, None if task == "regression" else math.nan
+    loss = total_loss.item() / n
+    if task == "regression":
+        return loss, None
+    return loss, correct.item() / max(counted, 1)

@@ -12,7 +12,7 @@ history, where it costs the same few calls for a block of 256 steps as for one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ class GradientProbe:
     def __init__(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> None:
         self.layer_names = [name for name, _ in layers]
         self._layer_params = [[p for p in m.parameters() if p.requires_grad] for _, m in layers]
+        # A layer none of whose parameters train can never have a gradient: "frozen".
+        self.frozen = [not params for params in self._layer_params]
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         in_layers = {id(p) for params in self._layer_params for p in params}
         self._other_params = [
             p for p in model.parameters() if p.requires_grad and id(p) not in in_layers
@@ -52,10 +56,22 @@ class GradientProbe:
         sizes = [p.numel() for p in self._in_layers]
         self._offsets = np.cumsum([0, *sizes[:-1]]) if sizes else np.zeros(0, dtype=np.int64)
 
-    def measure_raw(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This step's per-tensor norms as one row of `raw_width` floats (into `out`)."""
-        grads = [p.grad for p in self._in_layers]
-        other = [p.grad for p in self._other_params]
+    def measure_raw(
+        self,
+        out: torch.Tensor | None = None,
+        grads_by_id: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """This step's per-tensor norms as one row of `raw_width` floats (into `out`).
+
+        The gradients are the parameters' ``.grad``, or with `grads_by_id` the tensors it
+        maps ``id(parameter)`` to (what hooks kept: see `nbtrain.external`).
+        """
+        if grads_by_id is None:
+            grads = [p.grad for p in self._in_layers]
+            other = [p.grad for p in self._other_params]
+        else:
+            grads = [grads_by_id.get(id(p)) for p in self._in_layers]
+            other = [grads_by_id.get(id(p)) for p in self._other_params]
         self._missing = [g is None for g in grads]  # for health(): NaN there means "none"
         if all(g is not None for g in grads) and all(g is None for g in other):
             on_cpu = grads and all(

@@ -98,7 +98,11 @@ def measure_internals(
     kinds = {name: module for name, module in activations}
     result = []
     for name, layer in layers:
-        grad = layer.weight.grad
+        # A layer's weight, or for a layer without one (your own) its first parameter.
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(layer.parameters())
+        grad = weight.grad
         out = outputs.get(name)
         dead = math.nan
         if out is not None and isinstance(kinds.get(name), _RELU_LIKE):
@@ -106,7 +110,7 @@ def measure_internals(
         result.append(
             LayerInternals(
                 name=name,
-                weights=histogram(layer.weight),
+                weights=histogram(weight),
                 gradients=None if grad is None else histogram(grad),
                 activations=None if out is None else histogram(out),
                 dead_fraction=dead,
@@ -147,6 +151,11 @@ def inspect_init(
     """
     from .model import FunnelMLP, initialize
 
+    if experiment.builtin_model != "mlp":
+        raise ValueError(
+            "inspect_init compares fresh built-in MLPs, and this experiment trains "
+            f"{type(experiment.model).__name__}; it needs Experiment(model=None)"
+        )
     cfg, data = experiment.config, experiment.data
     x, y = data.x_train[:batch_size], data.y_train[:batch_size]
     reports = {}

@@ -107,6 +107,47 @@ class FunnelMLP(nn.Module):
         return [(f"hidden{i + 1}", block.act) for i, block in enumerate(self.blocks)]
 
 
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions and a small classifier, for little images such as digits' 8x8.
+
+    conv1 -> bn1 -> ReLU -> conv2 -> bn2 -> ReLU -> 2x2 max pool -> drop -> fc -> ReLU ->
+    drop -> head. Inputs may come flat (``(n, channels*height*width)``, as the digits rows
+    do) or as images ``(n, channels, height, width)``. The dropout and batch-norm switches act
+    on its ``nn.Dropout`` and ``nn.BatchNorm2d`` modules like on any model's; the gradient
+    flow shows conv1, conv2, fc and head.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int] = (8, 8),
+        n_classes: int = 10,
+        in_channels: int = 1,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+    ) -> None:
+        super().__init__()
+        height, width = image_shape
+        if height < 2 or width < 2:
+            raise ValueError(f"image_shape must be at least (2, 2), got {image_shape!r}")
+        self.input_shape = (in_channels, height, width)
+        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels[0])
+        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels[1])
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.drop = nn.Dropout(0.0)
+        self.fc = nn.Linear(channels[1] * (height // 2) * (width // 2), hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(len(x), *self.input_shape)
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.pool(self.act(self.bn2(self.conv2(x))))
+        x = self.drop(x.flatten(1))
+        return self.head(self.drop(self.act(self.fc(x))))
+
+
 def initialize(model: nn.Module, scheme: str, activation: str = "relu", std: float = 0.01) -> None:
     """Apply an initialization scheme to every Linear and Conv layer of `model`.
 

@@ -76,12 +76,12 @@ def shift_and_noise(
     height, width = shape
     raw = (x * std + mean).reshape(len(x), height, width)
     padded = nn.functional.pad(raw, (1, 1, 1, 1))
-    offsets = torch.randint(0, 3, (len(x), 2), generator=generator)
+    offsets = torch.randint(0, 3, (len(x), 2), generator=generator).to(x.device)
     shifted = torch.empty_like(raw)
     for dy in range(3):
         for dx in range(3):
             chosen = (offsets[:, 0] == dy) & (offsets[:, 1] == dx)
             shifted[chosen] = padded[chosen, dy : dy + height, dx : dx + width]
     out = (shifted.reshape(len(x), -1) - mean) / std
-    out = out + noise * torch.randn(out.shape, generator=generator)
+    out = out + noise * torch.randn(out.shape, generator=generator).to(x.device)
     return torch.clamp(out, bounds[0], bounds[1])

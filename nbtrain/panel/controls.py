@@ -52,14 +52,18 @@ class MoreControls:
         cfg = experiment.config
         send = self._sender(guard)
 
-        # Optimization
-        self.optimizer = w.Dropdown(options=OPTIMIZERS, value=cfg.optimizer, layout=WIDE)
+        # Optimization ("custom" is the optimizer you passed, when you passed one)
+        custom = ("custom",) if cfg.optimizer == "custom" else ()
+        self.optimizer = w.Dropdown(
+            options=(*OPTIMIZERS, *custom), value=cfg.optimizer, layout=WIDE
+        )
         self.schedule = w.Dropdown(options=SCHEDULES, value=cfg.schedule, layout=WIDE)
+        n_train = experiment.n_train or cfg.batch_size
         self.batch_size = w.BoundedIntText(
             value=cfg.batch_size,
             min=1,
-            max=max(len(experiment.data.y_train), cfg.batch_size),  # never clamp the config
-            layout=WIDE,
+            max=max(n_train, cfg.batch_size),
+            layout=WIDE,  # never clamp the config
         )
         self.batch_presets = w.ToggleButtons(
             options=[32, 64, 128], value=None, style={"button_width": "60px"}
@@ -167,19 +171,15 @@ class MoreControls:
 
         # Architecture: live switches, then what needs a restart
         self.activation = w.Dropdown(options=ACTIVATIONS, value=cfg.activation, layout=WIDE)
-        residual = experiment.model.residual_blocks
+        reasons = experiment.unavailable()
         self.skip = w.ToggleButton(
             value=cfg.skip,
             description="Skip connections",
-            disabled=residual == 0,
+            disabled="skip" in reasons,
             layout=w.Layout(width="160px"),
             tooltip="residual x + f(x) on blocks of equal input and output width",
         )
-        skip_reason = (
-            ""
-            if residual
-            else (" <small>(no hidden block has equal input and output width here)</small>")
-        )
+        skip_reason = f" <small>({reasons['skip']})</small>" if "skip" in reasons else ""
         send(self.activation, "activation")
         send(self.skip, "skip")
         self.hidden = w.Text(value="-".join(map(str, cfg.hidden)), layout=w.Layout(width="200px"))
@@ -206,6 +206,16 @@ class MoreControls:
         self.tab = w.Tab([optimization, regularization, architecture])
         for index, title in enumerate(("Optimization", "Regularization", "Architecture")):
             self.tab.set_title(index, title)
+
+    def controls(self) -> dict[str, list[w.Widget]]:
+        """The widgets of each knob that may be unavailable (see Experiment.unavailable)."""
+        return {
+            "batch_size": [self.batch_size, self.batch_presets],
+            "augment": [self.augment],
+            "activation": [self.activation],
+            "skip": [self.skip],
+            "hidden": [self.hidden, self.suggest, self.init, self.restart_button],
+        }
 
     def _sender(self, guard: Guard) -> Callable[[w.ValueWidget, str], None]:
         def send(widget: w.ValueWidget, name: str) -> None:

@@ -22,6 +22,7 @@ import ipywidgets as w
 
 from ..config import LIVE_KEYS
 from ..engine import WAITING, Experiment
+from ..external import Watcher
 from ..optim import OWNS_LR
 from .controls import MoreControls, log_bounds
 from .diagnosis import DiagnosisArea
@@ -50,18 +51,24 @@ def _readout(value: Any, pending: Any = None, has_pending: bool = False) -> str:
 
 
 class Dashboard(w.VBox):
-    """A live panel for an `Experiment`.
+    """A live panel for an `Experiment`, or for your own loop (a `nbtrain.watch` Watcher).
+
+    A control that cannot act on what it drives (a switch for modules the model does not
+    have, Start on your own loop) is disabled, and the notice above the plots says why.
 
     Parameters:
-        experiment: the experiment to drive and watch.
+        experiment: the experiment to drive and watch, or a Watcher.
         rate: the most refreshes per second; each refresh sends at most one message per
             widget that changed, so no widget gets more than `rate` messages a second.
         max_points: the most points one plotted line carries, whatever the run's length.
     """
 
     def __init__(self, experiment: Experiment, *, rate: float = 5.0, max_points: int = 2000):
-        if not isinstance(experiment, Experiment):
-            raise ValueError(f"experiment must be an nbtrain.Experiment, got {experiment!r:.60}")
+        if not isinstance(experiment, (Experiment, Watcher)):
+            raise ValueError(
+                f"experiment must be an nbtrain.Experiment or nbtrain.watch(model), "
+                f"got {experiment!r:.60}"
+            )
         number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
         if not number or not 0 < rate <= 10:
             raise ValueError(f"rate must be in (0, 10] refreshes per second, got {rate!r}")
@@ -72,8 +79,11 @@ class Dashboard(w.VBox):
         self.max_points = max_points
         self._lock = threading.RLock()
         self._seen: tuple | None = None
+        self._seen_steps = False
         self._wake = threading.Event()
         self._closed = False
+        self.external = isinstance(experiment, Watcher)
+        self.reasons = experiment.unavailable()
         self._syncing = False
 
         cfg = experiment.config
@@ -179,27 +189,42 @@ class Dashboard(w.VBox):
         )
 
         # Diagnosis: standing findings with their remedies, and the preset menu
-        self.diagnosis = DiagnosisArea(experiment, self._guard)
+        self.diagnosis = None if self.external else DiagnosisArea(experiment, self._guard)
 
-        # Further knobs and views, in tabs below the switches
-        self.more = MoreControls(experiment, self._guard, self.readouts)
-        # Note: the last two tabs are built when first opened; a bqplot figure drawn while
-        # hidden gets a negative size and fills the browser console with errors.
+        # Further knobs and views, in tabs below the switches (an Experiment's only)
+        self.more: MoreControls | None = None
         self._internals: InternalsView | None = None
         self._inspector: InitInspector | None = None
-        self.tabs = self.more.tab
-        self.tabs.children = [*self.tabs.children, w.VBox(), w.VBox()]
-        self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
         self._internals_at = 0.0
-        self.tabs.observe(self._open_tab, names="selected_index")
+        if self.external:
+            self.tabs = w.Tab([w.HTML(f"<small>{html.escape(self.reasons['more'])}.</small>")])
+            self.tabs.titles = ("Your loop",)
+        else:
+            self.more = MoreControls(experiment, self._guard, self.readouts)
+            # Note: the last two tabs are built when first opened; a bqplot figure drawn while
+            # hidden gets a negative size and fills the browser console with errors.
+            self.tabs = self.more.tab
+            inspector: w.Widget = w.VBox()
+            if "init_inspector" in self.reasons:
+                inspector = w.HTML(
+                    f"<small>{html.escape(self.reasons['init_inspector'])}.</small>"
+                )
+            self.tabs.children = [*self.tabs.children, w.VBox(), inspector]
+            self.tabs.titles = (*self.tabs.titles[:3], "Internals", "Init inspector")
+            self.tabs.observe(self._open_tab, names="selected_index")
+        self._disable_what_cannot_act()
 
-        # Plots
+        # Plots; layers without a gradient say so in their labels
         self.loss = LossFigure()
         self.accuracy = AccuracyFigure()
-        self.gradients = GradientFigures(experiment.probe.layer_names)
+        if "accuracy" in self.reasons:
+            self.accuracy.figure.layout.display = "none"
+        self.notice = w.HTML()
+        self._layer_status = self._report_layers()
+        self.gradients = GradientFigures(experiment.probe.layer_names, self._layer_status)
 
         # Runs of the session: table, overlays, fork, export, checkpoints (panel/runs.py)
-        self.runs_panel = RunsPanel(self)
+        self.runs_panel = None if self.external else RunsPanel(self)
 
         # Failures
         self.error_area = w.HTML(layout=w.Layout(display="none"))
@@ -237,11 +262,12 @@ class Dashboard(w.VBox):
                 self.status,
                 self.progress,
                 switches,
-                self.diagnosis.widget,
+                *([self.diagnosis.widget] if self.diagnosis else []),
                 self.tabs,
+                self.notice,
                 self.error_area,
                 self.plots,
-                self.runs_panel,
+                *([self.runs_panel] if self.runs_panel else []),
             ]
         )
         self.add_class("nbtrain-dashboard")
@@ -252,6 +278,61 @@ class Dashboard(w.VBox):
             target=_poll, args=(weakref.ref(self),), name="nbtrain-panel", daemon=True
         )
         self._poller.start()
+
+    def _disable_what_cannot_act(self) -> None:
+        """Controls for what this model or loop does not have: disabled, with the reason."""
+        controls = {
+            "start": [self.start_button],
+            "step": [self.step_button],
+            "reset": [self.reset_button],
+            "dropout": [self.dropout_toggle, self.dropout_rate],
+            "batchnorm": [self.batchnorm_toggle],
+            "clip": [self.clip_toggle, self.clip_norm],
+            "lr": [self.lr_slider],
+        }
+        if self.more is not None:
+            controls.update(self.more.controls())
+        for name, widgets in controls.items():
+            reason = self.reasons.get(name)
+            for widget in widgets:
+                if reason:
+                    widget.disabled = True
+                    widget.tooltip = reason
+        self._fixed_off = {
+            id(widget) for name, ws in controls.items() if name in self.reasons for widget in ws
+        }
+
+    def _report_layers(self) -> dict[str, str]:
+        """The layers' status before training, shown in the notice and the plots' labels."""
+        try:
+            report = self.experiment.report()
+        except Exception as exc:  # your model fails on a batch: say so, keep the panel
+            log.exception("the pre-training layer check failed")
+            self.notice.value = (
+                "<div style='color:#d62728;font-size:12px'><b>layer check failed</b>: "
+                f"{html.escape(f'{type(exc).__name__}: {exc}')}</div>"
+            )
+            return {}
+        lines = [
+            f"<b>{html.escape(name)}</b>: {html.escape(reason)}"
+            for name, reason in self.reasons.items()
+            if name not in ("more", "init_inspector", "start", "step", "reset")
+        ]
+        if report.problems:
+            names = ", ".join(f"{p.name} ({p.status})" for p in report.problems)
+            lines.insert(0, f"<b>no gradient flow</b> for {html.escape(names)}: no bars for them")
+        if self.external:
+            lines.insert(
+                0,
+                "<b>your loop</b>: Start, Step and Reset are yours; Pause holds "
+                "your loop in log(), Stop sets <code>should_stop</code>",
+            )
+        self.notice.value = (
+            "<div style='color:#555;font-size:12px'>" + "<br>".join(lines) + "</div>"
+            if lines
+            else ""
+        )
+        return report.status
 
     def _figures(self) -> list[w.Widget]:
         """The four live figures, in order; their DOM class lets a browser test find them."""
@@ -266,8 +347,10 @@ class Dashboard(w.VBox):
         return figures
 
     @property
-    def internals(self) -> InternalsView:
-        """The Internals tab (built on first use)."""
+    def internals(self) -> InternalsView | None:
+        """The Internals tab (built on first use; None for your own loop)."""
+        if self.external:
+            return None
         if self._internals is None:
             self._internals = InternalsView(self.experiment)
             for widget in (self._internals.layer, self._internals.kind):
@@ -276,8 +359,10 @@ class Dashboard(w.VBox):
         return self._internals
 
     @property
-    def inspector(self) -> InitInspector:
-        """The Init inspector tab (built on first use)."""
+    def inspector(self) -> InitInspector | None:
+        """The Init inspector tab (built on first use; None where it cannot compare)."""
+        if "init_inspector" in self.reasons:
+            return None
         if self._inspector is None:
             self._inspector = InitInspector(self.experiment)
             self._set_tab(4, self._inspector.widget)
@@ -316,7 +401,8 @@ class Dashboard(w.VBox):
         return guarded
 
     def _pause_or_resume(self, _: Any) -> None:
-        if self.experiment.state in WAITING:
+        exp = self.experiment
+        if exp.state in WAITING or (self.external and exp.pause_requested):
             self.experiment.resume()
         else:
             self.experiment.pause()
@@ -331,8 +417,21 @@ class Dashboard(w.VBox):
     def _send_clip(self, _: Any) -> None:
         self.experiment.set(clip=self.clip_norm.value if self.clip_toggle.value else None)
 
-    def _on_run_ended(self, experiment: Experiment, outcome: Any) -> None:
+    def _on_run_ended(self, experiment: Experiment | Watcher, outcome: Any) -> None:
         self.refresh()
+
+    def log(self, step: int | None = None, **metrics: Any) -> None:
+        """For your own loop: `Watcher.log` on the watcher this panel shows."""
+        if not self.external:
+            raise RuntimeError(
+                "log() is for your own loop (nbtrain.watch(model)); an Experiment records itself"
+            )
+        self.experiment.log(step, **metrics)
+
+    @property
+    def should_stop(self) -> bool:
+        """Stop was pressed (for your own loop to check)."""
+        return bool(getattr(self.experiment, "should_stop", False))
 
     def attach(self, experiment: Experiment) -> None:
         """Drive `experiment` from now on: a fork, or a loaded checkpoint, of the same layers.
@@ -389,7 +488,7 @@ class Dashboard(w.VBox):
             self._internals and (self._internals.layer.value, self._internals.kind.value),
             id(exp.internals),
             tuple((f.challenge, f.evidence) for f in exp.findings),
-            self.runs_panel.fingerprint(),
+            self.runs_panel.fingerprint() if self.runs_panel else None,
         )
 
     def refresh(self) -> None:
@@ -398,19 +497,28 @@ class Dashboard(w.VBox):
             self._seen = self._fingerprint()
             exp = self.experiment
             if exp.probe.layer_names != self.gradients.layer_names:  # restarted, new depth
-                self.gradients = GradientFigures(exp.probe.layer_names)
+                self._layer_status = self._report_layers()
+                self.gradients = GradientFigures(exp.probe.layer_names, self._layer_status)
                 self.plots.children = self._figures()
                 if self._internals is not None:
                     self._internals.layer.options = exp.probe.layer_names
+            elif self.external and len(exp.history) and not self._seen_steps:
+                # Your loop: unused layers are known once gradients arrive.
+                self._seen_steps = True
+                self._layer_status = self._report_layers()
+                self.gradients.set_status(self._layer_status)
             view = View(exp.history, exp.probe.layer_names, self.max_points)
             self.loss.update(view)
             self.accuracy.update(view)
             self.gradients.update(view)
-            self.runs_panel.refresh()
+            if self.runs_panel is not None:
+                self.runs_panel.refresh()
             self._update_status()
             self._update_controls()
-            self.more.show_in_force()
-            self.diagnosis.update()
+            if self.more is not None:
+                self.more.show_in_force()
+            if self.diagnosis is not None:
+                self.diagnosis.update()
             now = time.perf_counter()
             if (
                 self.tabs.selected_index == 3
@@ -427,16 +535,17 @@ class Dashboard(w.VBox):
     def _update_status(self) -> None:
         exp = self.experiment
         rate = exp.steps_per_second
-        parts = [
-            f"<b>{exp.state}</b>",
-            f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}",
-            f"step {exp.step_count}",
-        ]
+        parts = [f"<b>{exp.state}</b>"]
+        if not self.external:
+            parts.append(f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}")
+        parts.append(f"step {exp.step_count}")
         if rate:
             parts.append(f"{rate:,.0f} steps/s")
         val = exp.history.last("val_acc")
         if val is not None:
             parts.append(f"val acc {val:.3f}")
+        elif exp.history.last("val_loss") is not None:
+            parts.append(f"val loss {exp.history.last('val_loss'):.4g}")
         self.status.value = " · ".join(parts)
         with self.progress.hold_sync():  # one message for both traits
             self.progress.value = exp.progress
@@ -446,18 +555,20 @@ class Dashboard(w.VBox):
     def _update_controls(self) -> None:
         exp = self.experiment
         running, paused = exp.running, exp.state in WAITING
-        self.start_button.disabled = running and not paused
+        off = self._fixed_off
+        self.start_button.disabled = (running and not paused) or id(self.start_button) in off
         with self.pause_button.hold_sync():  # one message for the three traits
             self.pause_button.disabled = not running
             self.pause_button.description = "Resume" if paused else "Pause"
             self.pause_button.icon = "play" if paused else "pause"
-        self.step_button.disabled = running and not paused
+        self.step_button.disabled = (running and not paused) or id(self.step_button) in off
         self.stop_button.disabled = not running
         pending = exp.pending
         for name, value in exp.in_force.items():
             self.readouts[name].value = _readout(value, pending.get(name), name in pending)
-        self.lr_slider.disabled = exp.config.schedule in OWNS_LR
-        self.more.skip.disabled = exp.model.residual_blocks == 0
+        self.lr_slider.disabled = exp.config.schedule in OWNS_LR or id(self.lr_slider) in off
+        if self.more is not None:  # a restart can change which blocks a skip can bridge
+            self.more.skip.disabled = "skip" in exp.unavailable()
 
     def _show_error(self, text: str, diverged: bool = False) -> None:
         with self._lock:

@@ -341,11 +341,22 @@ class AccuracyFigure(_MarkedFigure):
         self.update_markers(view.history.markers())
 
 
+def layer_labels(layer_names: list[str], status: dict[str, str] | None) -> list[str]:
+    """Layer names, with "(frozen)" or "(no gradient)" where a layer gets none: their bars
+    and lines are gaps, and the label says why rather than letting them read as zero."""
+    status = status or {}
+    return [
+        f"{name} ({status[name]})" if status.get(name, "ok") != "ok" else name
+        for name in layer_names
+    ]
+
+
 class GradientFigures:
     """Per-layer bars (mean and max |g|, log axis) and per-layer L2 norms over steps."""
 
-    def __init__(self, layer_names: list[str]) -> None:
+    def __init__(self, layer_names: list[str], status: dict[str, str] | None = None) -> None:
         self.layer_names = layer_names
+        self.labels = labels = layer_labels(layer_names, status)
         colors = [LAYER_COLORS[i % len(LAYER_COLORS)] for i in range(len(layer_names))]
         self.bar_scale = bq.LogScale()
         # Note: bars start empty, not NaN: one NaN leaves bqplot's bars view blank for good.
@@ -375,7 +386,7 @@ class GradientFigures:
             y=[],
             scales={"x": self.x_scale, "y": self.norm_scale},
             colors=colors,
-            labels=layer_names,
+            labels=labels,
             display_legend=True,
         )
         self.norm_axis = bq.Axis(
@@ -387,6 +398,13 @@ class GradientFigures:
             [self.norms, self.overlay.mark],
             [bq.Axis(scale=self.x_scale, label="step"), self.norm_axis],
         )
+
+    def set_status(self, status: dict[str, str]) -> None:
+        self.labels = layer_labels(self.layer_names, status)
+        with self.bars.hold_sync(), self.norms.hold_sync():
+            if len(self.bars.x):
+                self.bars.x = self.labels
+            self.norms.labels = self.labels
 
     def update(self, view: View) -> None:
         if not len(view.recent("train_loss", 1)):
@@ -413,7 +431,7 @@ class GradientFigures:
         rescaled = _fit_log_axis(self.bar_scale, self.bar_axis, bars)
         with self.bars.hold_sync(), self.norms.hold_sync():
             if not len(self.bars.x):
-                self.bars.x = self.layer_names
+                self.bars.x = self.labels
             if rescaled:
                 self.bars.base = self.bar_scale.min
             # A layer without a finite gradient gets a flat bar (a NaN would blank the view).

@@ -120,7 +120,7 @@ def test_numpy_scalars_from_arrays_and_sliders_are_accepted(small_data):
 
 BAD_DATA = [
     ([1, 2, 3], r"data must be None \(digits\) or a pair \(X, y\)"),
-    (([[1.0]], [0]), r"data X must be a numpy array or a torch tensor, got list"),
+    (([[1.0]], [0]), r"data [Xy] must be a numpy array or a torch tensor, got list"),
     ((np.zeros((4, 2)), np.zeros(3)), r"data X has 4 rows but y has 3 labels"),
     (
         (np.array(["a", "b", "c", "d"]), np.arange(4)),
@@ -289,7 +289,10 @@ def test_bad_panel_arguments_are_refused_by_name(small_data, kwargs, message):
     exp = Experiment(data=small_data, hidden=(16,))
     with pytest.raises(ValueError, match=message):
         Dashboard(exp, **kwargs)
-    with pytest.raises(ValueError, match=r"experiment must be an nbtrain.Experiment, got 'exp'"):
+    with pytest.raises(
+        ValueError,
+        match=r"experiment must be an nbtrain.Experiment or nbtrain.watch\(model\), got 'exp'",
+    ):
         Dashboard("exp")
 
 

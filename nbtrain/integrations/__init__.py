@@ -1,0 +1,1 @@
+"""Adapters for training frameworks; each is an optional extra (``nbtrain[lightning]``)."""
