@@ -14,10 +14,12 @@ from .config import Config
 from .engine import Experiment, evaluate
 from .history import Event, History
 from .model import FunnelMLP, funnel_widths
+from .playground import Playground
 from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
     from .panel import Dashboard
+    from .panel.playground import PlaygroundPanel
 
 __all__ = [
     "Config",
@@ -27,6 +29,8 @@ __all__ = [
     "FunnelMLP",
     "History",
     "NBVAL_SANITIZE",
+    "Playground",
+    "PlaygroundPanel",
     "Run",
     "RunRegistry",
     "evaluate",
@@ -46,4 +50,8 @@ def __getattr__(name: str) -> Any:
         from .panel import Dashboard
 
         return Dashboard
+    if name == "PlaygroundPanel":
+        from .panel.playground import PlaygroundPanel
+
+        return PlaygroundPanel
     raise AttributeError(f"module 'nbtrain' has no attribute {name!r}")

@@ -811,8 +811,9 @@ class Experiment:
 
     def __repr__(self) -> str:
         hidden = "-".join(map(str, self.config.hidden))
+        model = f"mlp {hidden} {self.config.activation}" if hidden else "linear"
         return (
-            f"Experiment({self.data.name}, mlp {hidden} {self.config.activation}, "
+            f"Experiment({self.data.name}, {model}, "
             f"{self.config.optimizer} lr={self.config.lr:g}, batch {self.config.batch_size})"
         )
 

@@ -380,6 +380,9 @@ class GradientFigures:
                 self.bars.base = self.bar_scale.min
             # A layer without a finite gradient gets a flat bar (a NaN would blank the view).
             self.bars.y = np.where(np.isfinite(bars), bars, self.bar_scale.min).astype(np.float32)
-            self.norms.x = np.array(xs, dtype=np.int32)
-            self.norms.y = norms
+            # Note: bqplot squeezes a 1x1 array to a scalar, which it refuses; so a linear
+            # model (one layer) draws its norm line from its second step.
+            if len(self.layer_names) > 1 or len(steps) > 1:
+                self.norms.x = np.array(xs, dtype=np.int32)
+                self.norms.y = norms
         _fit_log_axis(self.norm_scale, self.norm_axis, norms)
