@@ -54,10 +54,8 @@ class BoundaryFigure:
                 scales={**xy, "color": point_colors},
                 stroke=rim,
                 default_size=28,
-                labels=[label],
-                display_legend=True,
             )
-            for rim, label in (("white", "train"), ("black", "validation"))
+            for rim in ("white", "black")
         )
         axes = [
             bq.Axis(scale=self.x_scale, label="x1"),
@@ -69,10 +67,16 @@ class BoundaryFigure:
             axes=axes,
             layout=w.Layout(width="420px", height="420px"),
             fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 20},
-            legend_location="top-right",
             animation_duration=0,
         )
         self.figure.add_class("nbtrain-boundary")
+        # A caption, not a legend: a legend would cover points, and would show its markers in
+        # the colour scale's first colour rather than as rims.
+        self.caption = w.HTML(
+            "<span style='color:#555;font-size:12px'>colour: the probability of the blue "
+            "class · white rim: training point · black rim: validation point</span>"
+        )
+        self.widget = w.VBox([self.figure, self.caption])
 
     def show_points(self, playground: Playground) -> None:
         """The points of the playground's current dataset, split as the engine split them."""
@@ -200,7 +204,7 @@ class PlaygroundPanel(w.VBox):
                 self.message,
             ]
         )
-        super().__init__([controls, self.boundary.figure, self.dashboard])
+        super().__init__([controls, self.boundary.widget, self.dashboard])
         self.add_class("nbtrain-playground")
 
         playground.on_rebuild(self._on_rebuild)

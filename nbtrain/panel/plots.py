@@ -353,6 +353,10 @@ class GradientFigures:
     def update(self, view: View) -> None:
         steps, _ = view.step_series("train_loss")
         if not len(steps):
+            if len(self.bars.x):  # a reset, or a new experiment: the last run's bars go
+                with self.bars.hold_sync(), self.norms.hold_sync():
+                    self.bars.x, self.bars.y = [], np.zeros((2, 0), dtype=np.float32)
+                    self.norms.x, self.norms.y = [], []
             return
         recent = slice(-view.window, None)
         means = [view.step_series(f"grad_mean/{n}")[1][recent] for n in self.layer_names]

@@ -102,3 +102,18 @@ def test_a_dashboard_shows_a_linear_model_from_its_first_step():
     finally:
         pg.experiment.stop()
         dash.close()
+
+
+def test_a_new_experiment_in_the_dashboard_clears_the_last_runs_gradients(panel):
+    pg, view = panel
+    pg.experiment.run()
+    view.dashboard.refresh()
+    assert view.dashboard.gradients.norms.x.shape == (2, pg.experiment.step_count)
+    view.features["x1*x2"].value = True
+    view.dashboard.refresh()
+    assert len(view.dashboard.gradients.bars.x) == 0
+    assert len(view.dashboard.gradients.norms.x) == 0 and len(view.dashboard.loss.raw.x) == 0
+    pg.experiment.run(epochs=1)
+    view.dashboard.refresh()
+    assert view.dashboard.gradients.norms.x.shape == (2, pg.experiment.step_count)
+    assert list(view.dashboard.gradients.bars.x) == ["hidden1", "output"]
