@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
+
+import numpy as np
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 Init = Literal[
@@ -106,6 +109,7 @@ class Config:
     eval_every: int | None = None
     eval_batch_size: int = 512
     threads: int | None = None
+    speed: float | None = None  # steps per second at most (a lecture's pace); None: full speed
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -119,11 +123,13 @@ def _fail(name: str, value: Any, allowed: str) -> ValueError:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, numpy's included (a slider or an array hands those over); never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    return real and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -135,7 +141,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 def _check_positive_int(name: str, value: Any) -> int:
     if not _is_int(value) or value < 1:
         raise _fail(name, value, "a positive integer")
-    return value
+    return int(value)
 
 
 def _check_positive_number(name: str, value: Any) -> float:
@@ -154,9 +160,11 @@ def _check_fraction(name: str, value: Any, *, low_open: bool) -> float:
 def check_value(name: str, value: Any) -> Any:
     """Validate one parameter and return it in its canonical form."""
     if name == "hidden":
-        if isinstance(value, int) or not all(_is_int(w) and w >= 1 for w in value):
+        ok = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+        widths = tuple(value) if ok else ()
+        if not ok or not all(_is_int(w) and w >= 1 for w in widths):
             raise _fail(name, value, "a sequence of positive integers such as (128, 64, 32)")
-        return tuple(value)
+        return tuple(int(w) for w in widths)
     if name == "activation":
         return _check_choice(name, value, ACTIVATIONS)
     if name == "init":
@@ -180,7 +188,7 @@ def check_value(name: str, value: Any) -> Any:
             return None
         if not _is_int(value) or value < 0:
             raise _fail(name, value, "None (no early stopping) or a non-negative integer")
-        return value
+        return int(value)
     if name == "lr":
         return _check_positive_number(name, value)
     if name in ("batch_size", "epochs", "eval_batch_size"):
@@ -188,9 +196,9 @@ def check_value(name: str, value: Any) -> Any:
     if name == "dropout":
         return _check_fraction(name, value, low_open=False)
     if name in ("batchnorm", "skip", "augment", "restore_best"):
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise _fail(name, value, "True or False")
-        return value
+        return bool(value)
     if name == "clip":
         if value is None:
             return None
@@ -200,11 +208,17 @@ def check_value(name: str, value: Any) -> Any:
     if name == "seed":
         if not _is_int(value) or value < 0:
             raise _fail(name, value, "a non-negative integer")
-        return value
+        return int(value)
     if name == "val_fraction":
         return _check_fraction(name, value, low_open=True)
     if name == "label_noise":
         return _check_fraction(name, value, low_open=False)
+    if name == "speed":
+        if value is None:
+            return None
+        if not _is_number(value) or value <= 0:
+            raise _fail(name, value, "None (full speed) or a positive number of steps per second")
+        return float(value)
     if name in ("eval_every", "threads", "train_size"):
         return None if value is None else _check_positive_int(name, value)
     raise unknown_parameter(name, FIELDS)
@@ -216,14 +230,25 @@ def unknown_parameter(name: str, allowed: tuple[str, ...]) -> ValueError:
     return ValueError(f"unknown parameter {name!r}{hint}; allowed: {', '.join(allowed)}")
 
 
+def check_combination(config: Config) -> Config:
+    """Refuse settings that are each fine but cannot work together; names both fields."""
+    if config.batchnorm and config.batch_size < 2:
+        raise ValueError(
+            f"batchnorm=True needs batch_size of at least 2 (batch norm cannot normalize a "
+            f"single sample), got batch_size={config.batch_size!r}; raise batch_size or "
+            f"leave batchnorm off"
+        )
+    return config
+
+
 def make_config(values: Mapping[str, Any]) -> Config:
     """Build a validated Config from keyword arguments."""
     checked = {name: check_value(name, value) for name, value in values.items()}
-    return Config(**checked)
+    return check_combination(Config(**checked))
 
 
-def check_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the keyword arguments of `Experiment.set()`."""
+def check_changes(changes: Mapping[str, Any], config: Config | None = None) -> dict[str, Any]:
+    """Validate the keyword arguments of `Experiment.set()`, against `config` if given."""
     if not changes:
         raise ValueError(f"set() needs at least one change; allowed: {', '.join(LIVE_KEYS)}")
     checked = {}
@@ -231,7 +256,10 @@ def check_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
         if name not in LIVE_KEYS:
             where = "is fixed for a run" if name in FIELDS else "is not a parameter"
             raise ValueError(
-                f"{name!r} {where}; set() can change {', '.join(LIVE_KEYS)} while training"
+                f"{name!r} {where}; set() can change {', '.join(LIVE_KEYS)} while training "
+                "(and the pace, speed)"
             )
         checked[name] = check_value(name, value)
+    if config is not None:
+        check_combination(config.replace(**checked))
     return checked

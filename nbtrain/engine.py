@@ -3,27 +3,41 @@
 Pure PyTorch: nothing here imports ipywidgets or bqplot, so the engine runs in scripts, tests
 and CI as it does under the panel.
 
-Counting: ``step`` is the number of optimizer steps completed and ``epoch`` the number of
+Counting: ``step`` is the number of training steps completed and ``epoch`` the number of
 epochs completed, both starting at 0; history rows for step N are recorded after the N-th step.
+
+Cost: a step's row (loss and gradient statistics) stays on the device in a small buffer and
+reaches the history in batches: when the buffer is full (`ROW_BUFFER` steps), every
+`FLUSH_SECONDS` at the latest, and at every boundary a reader can observe (an evaluation, a
+pause, a single step, the end of the run). So the history may trail `step_count` by up to
+50 ms while a run goes, and a GPU run pays one host transfer per batch instead of one per step.
+An observer of "step_completed" is the exception: it may read the history, so with one
+attached every step is flushed before it is called.
+
+A step refused as non-finite (the run then diverged) counts too, though no update was made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
+import signal
 import threading
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from .challenges import preset_config
-from .config import LIVE_KEYS, Config, check_changes, make_config
+from .config import LIVE_KEYS, Config, check_changes, check_value, make_config
 from .data import Split, prepare
 from .diagnosis import CHECK_EVERY, Diagnosis, Finding
 from .gradients import GradientProbe
@@ -36,7 +50,13 @@ from .runs import Run, RunRegistry, session_runs
 
 log = logging.getLogger(__name__)
 
-State = Literal["idle", "running", "paused", "finished", "stopped", "failed"]
+ROW_BUFFER = 256  # steps whose rows wait on the device before reaching the history
+FLUSH_SECONDS = 0.05  # the longest a finished step waits before it is in the history
+
+State = Literal["idle", "running", "paused", "diverged", "finished", "stopped", "failed"]
+
+# States in which a run is going but waiting at a step boundary for resume(), step() or stop().
+WAITING: tuple[str, ...] = ("paused", "diverged")
 
 # What observers can attach to with `Experiment.on()`. Callbacks run in the training thread,
 # between steps, and receive the experiment and a payload (the Event, for "change_applied").
@@ -79,12 +99,20 @@ class Experiment:
             torch.set_num_threads(self.config.threads)
         self._data_arg = data
         self.data: Split = self._prepare(self.config)
-        self._check_fits(self.config, {"skip": self.config.skip, "augment": self.config.augment})
+        self._check_fits(
+            self.config,
+            {
+                "skip": self.config.skip,
+                "augment": self.config.augment,
+                "batchnorm": self.config.batchnorm,
+            },
+        )
         self._internals_wanted = False
         self.internals: Internals | None = None
         self._cond = threading.Condition(threading.RLock())
         self._observers: dict[str, list[Callback]] = defaultdict(list)
         self._worker: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None  # the worker, or run()'s caller
         self._loop_active = False
         self._stop_requested = False
         self._pause_requested = False
@@ -95,8 +123,6 @@ class Experiment:
         self.runs: RunRegistry = session_runs()  # every run of the session (nbtrain.runs)
         self.current_run: Run | None = None
         self._build()
-        self.on("step_completed", _diagnose_every)
-        self.on("evaluated", lambda exp, _: exp.diagnosis.check(exp))
 
     def _prepare(self, cfg: Config) -> Split:
         return prepare(
@@ -126,7 +152,16 @@ class Experiment:
         self._early_stop_hit = False
         self._augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.probe = GradientProbe(self.model, self.model.named_layers())
+        # Batch norm's running statistics, saved before each step while batch norm is on, so
+        # a step refused as non-finite leaves no trace in them either.
+        self._buffers = [b for b in self.model.buffers()]
+        self._saved_buffers = [b.clone() for b in self._buffers]
         self._step_columns = ["train_loss", "lr", *self.probe.columns]
+        self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
+        self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._row_meta: list[tuple[int, int, float]] = []  # (step, epoch, lr) per buffered row
+        self._flushed_at = time.perf_counter()
+        self._next_step_at = 0.0  # the pace's clock (see `speed`)
         self._rng_state = torch.get_rng_state()  # dropout's draws continue across start/stop
         self._order = torch.Generator().manual_seed(cfg.seed)  # shuffling only
         self._perm = torch.zeros(0, dtype=torch.long)
@@ -190,7 +225,7 @@ class Experiment:
 
     def _emit(self, name: str, payload: Any = None) -> None:
         # Note: an observer's exception is not caught here; it fails the run, visibly.
-        for callback in self._observers.get(name, ()):
+        for callback in list(self._observers.get(name, ())):  # on()/off() may run meanwhile
             callback(self, payload)
 
     # Live settings
@@ -206,13 +241,24 @@ class Experiment:
             return dict(self._pending)
 
     def set(self, **changes: Any) -> None:
-        """Queue live changes (``dropout``, ``batchnorm``, ``clip``, ``lr``).
+        """Queue live changes (``dropout``, ``batchnorm``, ``clip``, ``lr``), or set the pace.
 
         They are applied together at the next step boundary, never inside a step, and each
         becomes a "change" event whose step is the first step that runs with it. When no
         run is going, that boundary is now.
+
+        ``speed`` (steps per second, None for full speed) is different: it changes how fast
+        the run goes, not what it computes, so it takes effect at once and is no event.
         """
-        checked = check_changes(changes)
+        if "speed" in changes:
+            speed = check_value("speed", changes.pop("speed"))
+            with self._cond:
+                self.config = self.config.replace(speed=speed)
+                self._next_step_at = 0.0
+                self._cond.notify_all()  # a step waiting on the old pace goes on the new one
+            if not changes:
+                return
+        checked = check_changes(changes, self.config)
         with self._cond:
             after = {**dataclasses.asdict(self.config), **self._pending, **checked}
             self._check_fits(after, checked)
@@ -232,6 +278,12 @@ class Experiment:
             raise ValueError(
                 f"skip=True needs hidden blocks of equal input and output width, and "
                 f"hidden={get('hidden')} has none; use e.g. hidden=(64, 64, 64)"
+            )
+        n_train = len(self.data.y_train)
+        if changed.get("batchnorm") and n_train < 2:
+            raise ValueError(
+                f"batchnorm=True needs at least 2 training samples (batch norm cannot "
+                f"normalize a single sample), got a training split of {n_train}"
             )
         if changed.get("augment") and self.data.image_shape is None:
             raise ValueError(
@@ -310,27 +362,82 @@ class Experiment:
             if self._loop_active:
                 self.resume()
                 return
+        self._join_previous()
+        with self._cond:
+            if self._loop_active:  # another thread started a run meanwhile
+                self.resume()
+                return
             self._begin(epochs)
-            self._worker = threading.Thread(
-                target=self._loop, name="nbtrain-training", daemon=True
-            )
-            self._worker.start()
+            self._launch()
+
+    def _launch(self) -> None:
+        self._worker = threading.Thread(target=self._loop, name="nbtrain-training", daemon=True)
+        self._worker.start()
+
+    def _join_previous(self) -> None:
+        """Let a worker that has ended its run finish its last observers before a new one.
+
+        Called without the lock held: those observers (the panel's refresh) may need it.
+        """
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(30.0)
+            if worker.is_alive():
+                raise RuntimeError("the last run's run_ended observers are still busy after 30 s")
 
     def run(self, epochs: int | None = None) -> History:
         """Train `epochs` more epochs in this thread and return the history when done.
 
         For scripts and notebooks checked by nbval. Ctrl-C (KeyboardInterrupt) stops the run
-        cleanly, keeping the history and the model, and is then raised again.
+        cleanly, keeping the history and the model, and is then raised again: on the main
+        thread the first Ctrl-C asks for a stop at the next step boundary (a second one
+        interrupts at once); elsewhere, or raised by user code, it ends the run where it lands.
         """
         epochs = self._check_epochs(epochs)
+        self._refuse_if_running()
+        self._join_previous()
         with self._cond:
-            if self._loop_active:
-                raise RuntimeError(
-                    "a run is already going in the background; use wait() or stop() first"
-                )
+            self._refuse_if_running()
             self._begin(epochs)
-        self._loop()
+            self._worker = None
+        with self._ctrl_c_stops() as interrupted:
+            self._loop()
+        if interrupted:
+            raise KeyboardInterrupt
         return self.history
+
+    def _refuse_if_running(self) -> None:
+        if self._loop_active:
+            raise RuntimeError(
+                "a run is already going in the background; use wait() or stop() first"
+            )
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops(self) -> Iterator[list[bool]]:
+        """While run() blocks the main thread, turn the first SIGINT into a clean stop.
+
+        A KeyboardInterrupt raised wherever the interpreter happens to be can land inside
+        the bookkeeping that ends a run; a stop request lands at a step boundary instead.
+        """
+        interrupted: list[bool] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield interrupted
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def stop_at_boundary(signum: int, frame: Any) -> None:
+            interrupted.append(True)
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+            with self._cond:  # an RLock: fine even if this thread holds it already
+                self._stop_requested = True
+                self._cond.notify_all()  # a run paused from another thread stops too
+
+        signal.signal(signal.SIGINT, stop_at_boundary)
+        try:
+            yield interrupted
+        finally:
+            if signal.getsignal(signal.SIGINT) is stop_at_boundary:
+                signal.signal(signal.SIGINT, previous)
 
     def _check_epochs(self, epochs: int | None) -> int:
         if epochs is None:
@@ -356,23 +463,38 @@ class Experiment:
                 return
             self._pause_requested = True
             self._cond.notify_all()
-            if wait and threading.current_thread() is not self._worker:
+            if wait and threading.current_thread() is not self._loop_thread:
                 self._cond.wait_for(
-                    lambda: self.state == "paused" or not self._loop_active, timeout
+                    lambda: self.state in WAITING or not self._loop_active, timeout
                 )
 
     def resume(self) -> None:
+        """Continue a paused or diverged run (with whatever set() changed meanwhile)."""
         with self._cond:
             self._pause_requested = False
             self._single_steps = 0
             self._cond.notify_all()
 
     def step(self, timeout: float = 30.0) -> None:
-        """Run exactly one step and stay paused (starting a paused run if none is going)."""
+        """Run exactly one step and stay paused (starting a paused run if none is going).
+
+        Returns once the step is done, refused as diverged, or the run has ended.
+        """
+        if self._loop_active and threading.current_thread() is self._loop_thread:
+            raise RuntimeError("step() cannot run inside the training thread (an observer)")
         with self._cond:
             if self._loop_active and not self._pause_requested:
                 raise RuntimeError("step() works on a paused run; pause() first")
-            target = self.step_count + 1
+            launch = not self._loop_active
+        if launch:
+            self._join_previous()
+        with self._cond:
+            if self._loop_active and not self._pause_requested:
+                raise RuntimeError("step() works on a paused run; pause() first")
+            if self._loop_active:  # after pause(wait=False) the step in flight ends first
+                paused = lambda: self.state in WAITING or not self._loop_active  # noqa: E731
+                self._cond.wait_for(paused, timeout)
+            target = self.step_count + 1  # a step refused as non-finite counts too
             if self._loop_active:
                 self._single_steps += 1
                 self._cond.notify_all()
@@ -380,10 +502,7 @@ class Experiment:
                 self._pause_requested = True
                 self._single_steps = 1
                 self._begin(self.config.epochs)
-                self._worker = threading.Thread(
-                    target=self._loop, name="nbtrain-training", daemon=True
-                )
-                self._worker.start()
+                self._launch()
             self._cond.wait_for(
                 lambda: self.step_count >= target or not self._loop_active, timeout
             )
@@ -406,15 +525,26 @@ class Experiment:
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
             return not worker.is_alive()
-        return not self._loop_active
+        if self._loop_thread is threading.current_thread():
+            return not self._loop_active  # an observer cannot wait for its own run
+        with self._cond:  # a blocking run() going in another thread
+            return self._cond.wait_for(lambda: not self._loop_active, timeout)
 
     def reset(self) -> None:
         """Stop any run and start over: same seed, current settings, empty history."""
-        self.stop()
-        with self._cond:
-            self._pause_requested = False
-            self._single_steps = 0
-            self._build()
+        if self._loop_active and threading.current_thread() is self._loop_thread:
+            raise RuntimeError("reset() cannot run inside the training thread (an observer)")
+        while True:
+            self.stop()
+            if not self._join(30.0):
+                raise RuntimeError("the training thread did not stop within 30 s; not resetting")
+            with self._cond:
+                if self._loop_active:  # another thread started a run meanwhile: stop it too
+                    continue
+                self._pause_requested = False
+                self._single_steps = 0
+                self._build()
+                return
 
     def restart(self, **changes: Any) -> None:
         """Start over with changes to anything, architecture and initialization included.
@@ -524,12 +654,22 @@ class Experiment:
             while self.epoch_count < self._target_epoch:
                 if not self._take_turn():
                     break
-                self._train_step()
+                applied = self._train_step()
+                if not applied and self._worker is None:
+                    outcome = "diverged"  # run() blocks its caller: nobody could resume
+                    break
+                if self.step_count % CHECK_EVERY == 0:  # the detectors read the history
+                    self._flush()
+                    self.diagnosis.check(self)
                 if self._pos >= len(self._bounds):
                     self.epoch_count += 1
                     self._evaluate()
                     self._emit("epoch_completed")
-                elif self.config.eval_every and self.step_count % self.config.eval_every == 0:
+                elif (
+                    applied
+                    and self.config.eval_every
+                    and self.step_count % self.config.eval_every == 0
+                ):
                     self._evaluate()
                 if self._early_stop_hit:
                     outcome = "finished"
@@ -544,21 +684,34 @@ class Experiment:
             self.error = traceback.format_exc()
             log.error("run failed at step %d:\n%s", self.step_count, self.error)
         finally:
-            self._rng_state = torch.get_rng_state()
-            self._run_ended_at = time.perf_counter()
-            self._restore_best()
-            with self._cond:
-                self._loop_active = False
-                self._pause_requested = False
-                self._single_steps = 0
-                self.state = outcome
-                self._apply_pending()  # a change that arrived as the run ended: now is a boundary
-                self._cond.notify_all()
-            label = outcome if not self.error else f"failed: {self.exception!r:.60}"
-            self._event(outcome, label)
-            self._emit("run_ended", outcome)
+            self._flush()
+            self._end_run(outcome)
         if interrupted:
             raise KeyboardInterrupt
+
+    def _end_run(self, outcome: State) -> None:
+        """Record the outcome, then tell observers; the event lands before any new run's."""
+        self._rng_state = torch.get_rng_state()
+        self._run_ended_at = time.perf_counter()
+        self._restore_best()
+        with self._cond:
+            if outcome not in ("failed", "diverged"):
+                self.error = None  # a divergence message is moot once the run is stopped
+            self._pause_requested = False
+            self._single_steps = 0
+            self.state = outcome
+            if outcome != "diverged":  # that event is recorded already, where it happened
+                label = outcome if outcome != "failed" else f"failed: {self.exception!r:.60}"
+                self._event(outcome, label)
+            self._apply_pending()  # a change that arrived as the run ended: now is a boundary
+            self._loop_active = False
+            self._cond.notify_all()
+        try:
+            self._emit("run_ended", outcome)
+        except Exception as exc:  # the run is over, but its last observer failed: show it
+            self.state, self.exception = "failed", exc
+            self.error = traceback.format_exc()
+            log.error("a run_ended observer failed:\n%s", self.error)
 
     def _restore_best(self) -> None:
         """With early stopping and restore_best, every run ends on its best weights."""
@@ -572,11 +725,15 @@ class Experiment:
         self._event("restored", label, {"best_step": stopper.best_step, "best": stopper.best})
 
     def _take_turn(self) -> bool:
-        """At a step boundary: honour stop and pause; False means end the run."""
+        """At a step boundary: honour stop, pause and the pace; False means end the run."""
         if self._boundary_calls:
             self._run_boundary_calls()
+        if self.config.speed is not None:
+            self._pace()
         if not (self._pause_requested or self._stop_requested) and self.state == "running":
             return True  # the common case, without the lock
+        # Note: a paused run resumed while its single step was still finishing arrives here
+        # with no pause requested; it must still become "running" and record the resume.
         with self._cond:
             while True:
                 if self._boundary_calls:
@@ -584,16 +741,19 @@ class Experiment:
                 if self._stop_requested:
                     return False
                 if not self._pause_requested:
-                    if self.state == "paused":
-                        self.state = "running"
+                    if self.state in WAITING:
+                        self.state, self.error = "running", None
                         self._event("resumed", "resume")
                     return True
-                if self.state != "paused":
+                if self.state == "running":
+                    self._flush()  # a reader may look at a paused run: show every step
                     self.state = "paused"
                     self._event("paused", "pause")
                     self._cond.notify_all()
                 if self._single_steps > 0:
                     self._single_steps -= 1
+                    if self.state == "diverged":  # one step to try the new settings
+                        self.state, self.error = "paused", None
                     return True
                 self._cond.wait()
 
@@ -603,6 +763,28 @@ class Experiment:
             for call in calls:
                 call()  # never raises: at_boundary() hands its outcome to the caller
             self._cond.notify_all()
+
+    def _pace(self) -> None:
+        """Wait until the next step is due at `config.speed` steps a second.
+
+        Only time passes here: the step that follows is the one that would have run at full
+        speed, so a paced run has the same history as an unpaced one. Stop, pause and a new
+        speed wake the wait; a change queued by set() lands at the step that follows it.
+        """
+        with self._cond:
+            while (speed := self.config.speed) is not None:
+                now = time.perf_counter()
+                if not self._next_step_at:
+                    self._next_step_at = now
+                if now >= self._next_step_at or self._stop_requested or self._pause_requested:
+                    break
+                self._flush()  # a slow run shows each step as it happens
+                self._cond.wait(self._next_step_at - now)
+            if speed is not None:
+                # A fixed schedule, so late wake-ups do not add up; a step later than one
+                # period is not made up by a burst (the class would see the jump).
+                period = 1.0 / speed
+                self._next_step_at = max(self._next_step_at + period, time.perf_counter() - period)
 
     def _batch_bounds(self) -> list[tuple[int, int]]:
         n, size = len(self.data.y_train), self.config.batch_size
@@ -622,7 +804,8 @@ class Experiment:
         index = self._perm[start:end]
         return self.data.x_train[index], self.data.y_train[index]
 
-    def _train_step(self) -> None:
+    def _train_step(self) -> bool:
+        """One step; False if it was refused as non-finite (no update; the run diverged)."""
         # Changes queued by set() land here, between steps, all at once.
         if self._pending:
             self._apply_pending()
@@ -634,6 +817,8 @@ class Experiment:
             shape = self.data.image_shape
             bounds = self.data.x_train.amin(dim=0), self.data.x_train.amax(dim=0)
             x = shift_and_noise(x, self.data.mean, self.data.std, shape, bounds, self._augment_rng)
+        if cfg.batchnorm:
+            torch._foreach_copy_(self._saved_buffers, self._buffers)
 
         # Forward and backward; the L1 penalty joins the objective, not the recorded loss.
         self.model.train()
@@ -644,29 +829,118 @@ class Experiment:
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
 
-        # Measure before clipping: the plots show what the network produced.
-        stats = self.probe.measure()
-        if cfg.clip is not None:
-            nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, stats[0])
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        self.optimizer.step()
-        if self.scheduler is not None and cfg.schedule != "plateau" and self._schedule_left > 0:
-            self.scheduler.step()
-            self._schedule_left -= 1
-        self.step_count += 1
+        # Measure before clipping (the plots show what the network produced), on the device.
+        if self._rows is None:
+            self._rows = torch.empty(ROW_BUFFER, 1 + self.probe.raw_width, device=loss.device)
+            self._row_views = [(row[0], row[1:]) for row in self._rows]  # no indexing per step
+        loss_slot, raw_slot = self._row_views[len(self._row_meta)]
+        loss_slot.copy_(loss.detach())
+        raw = self.probe.measure_raw(out=raw_slot)
+        total = self.probe.total_norm(raw)
 
-        # Record: one host transfer for the loss and every gradient statistic.
-        values = torch.cat([loss.detach().reshape(1).float(), stats]).tolist()
-        values.insert(1, lr)
-        self.history.record_row(
-            "step", self.step_count, self.epoch_count, self._step_columns, values
+        # Decide the step: a NaN or inf anywhere shows in the loss or in the sum of the
+        # gradient norms. Note: this is one host transfer of two numbers a step (on a GPU
+        # too): a non-finite step must be refused before the optimizer applies it, and the
+        # batched rows reach the host too late for that.
+        loss_value, health = torch.stack([loss.detach().float(), self.probe.health(raw)]).tolist()
+        refused = not (math.isfinite(loss_value) and math.isfinite(health)) and self._diverge(
+            [loss_value, float(total)]
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        if not refused:
+            if cfg.clip is not None:
+                nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, total)
+            self.optimizer.step()
+            if (
+                self.scheduler is not None
+                and cfg.schedule != "plateau"
+                and self._schedule_left > 0
+            ):
+                self.scheduler.step()
+                self._schedule_left -= 1
+        self.step_count += 1  # a refused step counts: its row keeps the non-finite values
+
+        # Record: the rows reach the history in batches (see the module docstring).
+        self._row_meta.append((self.step_count, self.epoch_count, lr))
+        if (
+            refused
+            or len(self._row_meta) == ROW_BUFFER
+            or self._pause_requested
+            or self._observers.get("step_completed")
+            or time.perf_counter() - self._flushed_at > FLUSH_SECONDS
+        ):
+            self._flush()
+        if refused:
+            self._enter_diverged()
+            self.diagnosis.check(self)  # the detectors see the non-finite row at once
         self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
                 self._cond.notify_all()  # step() is waiting for this step
+        return not refused
+
+    def _diverge(self, values: list[float]) -> bool:
+        """Refuse a step whose loss or gradients are not finite, and pause the run.
+
+        The optimizer does not step, so the weights (and, with batch norm, the running
+        statistics) stay those of the last finite step. The step still counts and its row
+        is recorded, non-finite values and all, so the plots show a gap there and the
+        detectors see it. False if nothing had a gradient at all (a NaN total norm then
+        means "no gradient").
+        """
+        loss, total = values[0], values[1]
+        layer = self.probe.first_nonfinite()
+        if math.isfinite(loss) and layer is None and math.isnan(total):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.batchnorm:
+            torch._foreach_copy_(self._buffers, self._saved_buffers)
+        if layer is not None:
+            where = f"first non-finite gradient in {layer}"
+        elif not math.isfinite(total):
+            where = "gradient norm beyond float32's range"
+        else:
+            where = "gradients finite"
+        message = (
+            f"diverged at step {self.step_count + 1}: loss {loss:g}, {where}; the step was not "
+            "applied. Lower the learning rate or switch clipping on, then resume or run again."
+        )
+        self._divergence = (message, {"loss": loss, "grad_norm": total, "layer": layer})
+        return True
+
+    def _enter_diverged(self) -> None:
+        """Pause as "diverged", once the refused step is counted and recorded."""
+        message, detail = self._divergence
+        label = f"diverged at step {self.step_count}"
+        with self._cond:
+            self._pause_requested = True
+            self._single_steps = 0
+            self.state, self.error, self.exception = "diverged", message, None
+            self.history.add_event(
+                Event(self.step_count, self.epoch_count + 1, "diverged", label, detail)
+            )
+            self._cond.notify_all()
+        log.warning("%s", message)
+
+    def _flush(self) -> None:
+        """Move the buffered rows into the history: one host transfer for all of them.
+
+        Note: a check that must see every step's loss (a divergence guard) belongs here,
+        on the whole block at once, rather than in the step, where it would cost a host
+        sync per step on a GPU; it then acts at most one batch of steps late.
+        """
+        self._flushed_at = time.perf_counter()
+        if not self._row_meta:
+            return
+        block = self._rows[: len(self._row_meta)].cpu()
+        stats = self.probe.combine(block[:, 1:])
+        steps, epochs, lrs = zip(*self._row_meta, strict=True)
+        self._row_meta = []
+        values = np.column_stack([block[:, 0].numpy(), lrs, stats.numpy()])
+        self.history.record_rows("step", steps, epochs, self._step_columns, values)
 
     def _evaluate(self) -> None:
+        self._flush()
         metrics = {}
         for split, x, y in (
             ("train", self.data.x_train, self.data.y_train),
@@ -695,6 +969,7 @@ class Experiment:
                 self._event(
                     "early_stopped", label, {"best_step": stopper.best_step, "best": stopper.best}
                 )
+        self.diagnosis.check(self)
         self._emit("evaluated", metrics)
 
     # Internals
@@ -840,8 +1115,3 @@ def evaluate(
         model.train(was_training)
     n = max(len(y), 1)
     return total_loss.item() / n, correct.item() / n
-
-
-def _diagnose_every(experiment: Experiment, _: Any) -> None:
-    if experiment.step_count % CHECK_EVERY == 0:
-        experiment.diagnosis.check(experiment)

@@ -205,7 +205,9 @@ def test_background_run_keeps_the_caller_free_and_pause_step_resume_stop_work():
     exp.step()
     assert exp.step_count == frozen + 1 and exp.state == "paused"
     exp.resume()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10  # on a loaded machine the worker may take a while
+    while exp.step_count <= frozen + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert exp.step_count > frozen + 1
     exp.stop()
     assert exp.state == "stopped" and not exp.running
@@ -317,3 +319,37 @@ def test_a_resume_during_a_single_step_records_resumed_and_runs_on():
         assert [e.kind for e in exp.history.events][:3] == ["started", "paused", "resumed"]
     finally:
         exp.stop()
+
+
+def test_a_speed_cap_slows_the_run_but_changes_nothing_it_computes(small_data):
+    fast = Experiment(small_data, epochs=2, batch_size=50)
+    fast.run()
+    slow = Experiment(small_data, epochs=2, batch_size=50, speed=100.0)
+    start = time.perf_counter()
+    slow.run()
+    elapsed = time.perf_counter() - start
+    assert slow.step_count == fast.step_count == 10
+    assert elapsed >= 0.09  # ten steps at 100 a second: at least nine gaps of 10 ms
+    for name in fast.history.names("step"):
+        np.testing.assert_array_equal(slow.history.series(name)[1], fast.history.series(name)[1])
+    slow_acc, fast_acc = slow.history.series("val_acc")[1], fast.history.series("val_acc")[1]
+    np.testing.assert_array_equal(slow_acc, fast_acc)
+
+
+def test_speed_is_set_live_without_an_event_and_bad_values_are_refused(small_data):
+    exp = Experiment(small_data, epochs=200, speed=20.0)
+    exp.start()
+    time.sleep(0.2)
+    slow_steps = exp.step_count
+    assert 1 <= slow_steps <= 8
+    exp.set(speed=None)  # full speed, at once
+    deadline = time.perf_counter() + 10
+    while exp.step_count < slow_steps + 100 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    exp.stop()
+    assert exp.step_count >= slow_steps + 100
+    assert exp.config.speed is None and exp.history.changes() == []
+    with pytest.raises(ValueError, match=r"speed must be None \(full speed\) or a positive"):
+        exp.set(speed=0)
+    with pytest.raises(ValueError, match=r"speed must be None \(full speed\) or a positive"):
+        Experiment(small_data, speed="fast")

@@ -94,7 +94,13 @@ def test_csv_json_and_dataframe_of_all_runs_hold_the_same_numbers(registry, tmp_
     with open(tmp_path / "one.csv", newline="") as handle:
         own = [r for r in csv.reader(handle)][1:]
     mine = [r[2:] for r in rows if r[0] == "1"]
-    assert mine == own
+
+    def key(row):  # History writes float32 values in their shortest form, runs in full
+        if row[0] == "event":
+            return tuple(row)
+        return (*row[:4], float(np.float32(float(row[4]))))
+
+    assert [key(r) for r in mine] == [key(r) for r in own]
 
     data = registry.to_json(tmp_path / "all.json")
     assert json.loads((tmp_path / "all.json").read_text()) == data

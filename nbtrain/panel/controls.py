@@ -7,6 +7,7 @@ Every widget carries the bounds or choices that make a bad value impossible to s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,12 @@ from ..model import funnel_widths
 WIDE = w.Layout(width="320px")
 LABEL = w.Layout(width="120px")
 Guard = Callable[[Callable[[Any], Any]], Callable[[Any], None]]
+
+
+def log_bounds(value: float, low: int, high: int) -> tuple[int, int]:
+    """A log slider's exponent range, widened to hold `value` so it is never clamped."""
+    exponent = math.log10(value)
+    return min(low, math.floor(exponent)), max(high, math.ceil(exponent))
 
 
 def _row(label: str, *children: w.Widget) -> w.HBox:
@@ -49,7 +56,10 @@ class MoreControls:
         self.optimizer = w.Dropdown(options=OPTIMIZERS, value=cfg.optimizer, layout=WIDE)
         self.schedule = w.Dropdown(options=SCHEDULES, value=cfg.schedule, layout=WIDE)
         self.batch_size = w.BoundedIntText(
-            value=cfg.batch_size, min=1, max=len(experiment.data.y_train), layout=WIDE
+            value=cfg.batch_size,
+            min=1,
+            max=max(len(experiment.data.y_train), cfg.batch_size),  # never clamp the config
+            layout=WIDE,
         )
         self.batch_presets = w.ToggleButtons(
             options=[32, 64, 128], value=None, style={"button_width": "60px"}
@@ -71,11 +81,12 @@ class MoreControls:
         )
 
         # Regularization
+        wd_low, wd_high = log_bounds(cfg.weight_decay or 1e-4, -6, -1)
         self.weight_decay = w.FloatLogSlider(
             value=cfg.weight_decay or 1e-4,
             base=10,
-            min=-6,
-            max=-1,
+            min=wd_low,
+            max=wd_high,
             step=0.25,
             continuous_update=False,
             readout_format=".0e",
@@ -83,11 +94,12 @@ class MoreControls:
         self.weight_decay_on = w.ToggleButton(
             value=cfg.weight_decay > 0, description="L2", layout=w.Layout(width="60px")
         )
+        l1_low, l1_high = log_bounds(cfg.l1 or 1e-5, -7, -2)
         self.l1 = w.FloatLogSlider(
             value=cfg.l1 or 1e-5,
             base=10,
-            min=-7,
-            max=-2,
+            min=l1_low,
+            max=l1_high,
             step=0.25,
             continuous_update=False,
             readout_format=".0e",
@@ -98,7 +110,7 @@ class MoreControls:
         self.patience = w.BoundedIntText(
             value=cfg.patience if cfg.patience is not None else 5,
             min=0,
-            max=1000,
+            max=max(1000, cfg.patience or 0),
             layout=w.Layout(width="90px"),
         )
         self.early_on = w.ToggleButton(
@@ -109,7 +121,7 @@ class MoreControls:
         self.min_delta = w.BoundedFloatText(
             value=cfg.min_delta,
             min=0,
-            max=10,
+            max=max(10, cfg.min_delta),
             step=0.001,
             description="min Δ",
             layout=w.Layout(width="160px"),

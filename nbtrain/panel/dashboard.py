@@ -9,6 +9,7 @@ state of a run reaches the notebook while the cell that ran it is still executin
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import threading
@@ -20,9 +21,9 @@ from typing import Any
 import ipywidgets as w
 
 from ..config import LIVE_KEYS
-from ..engine import Experiment
+from ..engine import WAITING, Experiment
 from ..optim import OWNS_LR
-from .controls import MoreControls
+from .controls import MoreControls, log_bounds
 from .diagnosis import DiagnosisArea
 from .inspect import InitInspector, InternalsView
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
@@ -53,17 +54,19 @@ class Dashboard(w.VBox):
 
     Parameters:
         experiment: the experiment to drive and watch.
-        rate: the most refreshes per second (at most 10 messages a second per mark).
+        rate: the most refreshes per second; each refresh sends at most one message per
+            widget that changed, so no widget gets more than `rate` messages a second.
         max_points: the most points one plotted line carries, whatever the run's length.
     """
 
-    def __init__(self, experiment: Experiment, *, rate: float = 10.0, max_points: int = 2000):
+    def __init__(self, experiment: Experiment, *, rate: float = 5.0, max_points: int = 2000):
         if not isinstance(experiment, Experiment):
             raise ValueError(f"experiment must be an nbtrain.Experiment, got {experiment!r:.60}")
-        if not 0 < rate <= 10:
+        number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+        if not number or not 0 < rate <= 10:
             raise ValueError(f"rate must be in (0, 10] refreshes per second, got {rate!r}")
-        if max_points < 10:
-            raise ValueError(f"max_points must be at least 10, got {max_points!r}")
+        if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 10:
+            raise ValueError(f"max_points must be an integer of at least 10, got {max_points!r}")
         self.experiment = experiment
         self.rate = rate
         self.max_points = max_points
@@ -100,10 +103,11 @@ class Dashboard(w.VBox):
             icon="random",
             layout=w.Layout(width="120px"),
         )
+        # Bounds hold every value the config allows, so no control shows a clamped value.
         self.dropout_rate = w.FloatSlider(
             value=cfg.dropout or 0.3,
-            min=0.05,
-            max=0.9,
+            min=min(0.05, cfg.dropout or 0.05),
+            max=max(0.9, cfg.dropout),
             step=0.05,
             description="rate",
             continuous_update=False,
@@ -121,26 +125,47 @@ class Dashboard(w.VBox):
             icon="cut",
             layout=w.Layout(width="120px"),
         )
+        clip_low, clip_high = log_bounds(cfg.clip or 1.0, -2, 2)
         self.clip_norm = w.FloatLogSlider(
             value=cfg.clip or 1.0,
             base=10,
-            min=-2,
-            max=2,
+            min=clip_low,
+            max=clip_high,
             step=0.1,
             description="max norm",
             continuous_update=False,
             readout_format=".2g",
         )
+        lr_low, lr_high = log_bounds(cfg.lr, -5, 0)
         self.lr_slider = w.FloatLogSlider(
             value=cfg.lr,
             base=10,
-            min=-5,
-            max=0,
+            min=lr_low,
+            max=lr_high,
             step=0.25,
             description="lr",
             continuous_update=False,
             readout_format=".1e",
         )
+        # Pace (a lecture's slow motion): changes how fast the run goes, never its results.
+        self.speed_toggle = w.ToggleButton(
+            value=cfg.speed is not None,
+            description="Slow motion",
+            icon="clock-o",
+            layout=w.Layout(width="120px"),
+        )
+        self.speed_slider = w.FloatLogSlider(
+            value=cfg.speed or 10.0,
+            base=10,
+            min=-0.5,
+            max=2.5,
+            step=0.1,
+            description="steps/s",
+            continuous_update=False,
+            readout_format=".2g",
+        )
+        for widget in (self.speed_toggle, self.speed_slider):
+            widget.observe(self._guard(self._send_speed), names="value")
         self.readouts = {name: w.HTML() for name in LIVE_KEYS}
         for widget in (self.dropout_toggle, self.dropout_rate):
             widget.observe(self._guard(self._send_dropout), names="value")
@@ -199,6 +224,7 @@ class Dashboard(w.VBox):
                     self.lr_slider,
                     self.readouts["lr"],
                 ),
+                row(self.speed_toggle, self.speed_slider),
             ]
         )
         self.plots = w.GridBox(
@@ -290,7 +316,7 @@ class Dashboard(w.VBox):
         return guarded
 
     def _pause_or_resume(self, _: Any) -> None:
-        if self.experiment.state == "paused":
+        if self.experiment.state in WAITING:
             self.experiment.resume()
         else:
             self.experiment.pause()
@@ -298,6 +324,9 @@ class Dashboard(w.VBox):
     def _send_dropout(self, _: Any) -> None:
         rate = self.dropout_rate.value if self.dropout_toggle.value else 0.0
         self.experiment.set(dropout=round(rate, 4))
+
+    def _send_speed(self, _: Any) -> None:
+        self.experiment.set(speed=self.speed_slider.value if self.speed_toggle.value else None)
 
     def _send_clip(self, _: Any) -> None:
         self.experiment.set(clip=self.clip_norm.value if self.clip_toggle.value else None)
@@ -391,7 +420,7 @@ class Dashboard(w.VBox):
                 self._internals_at = now
                 self._internals.update()
             if exp.error:
-                self._show_error(exp.error)
+                self._show_error(exp.error, diverged=exp.state == "diverged")
             elif self.error_area.layout.display != "none":
                 self.error_area.layout.display = "none"
 
@@ -409,16 +438,19 @@ class Dashboard(w.VBox):
         if val is not None:
             parts.append(f"val acc {val:.3f}")
         self.status.value = " · ".join(parts)
-        self.progress.value = exp.progress
-        self.progress.bar_style = {"failed": "danger", "finished": "success"}.get(exp.state, "")
+        with self.progress.hold_sync():  # one message for both traits
+            self.progress.value = exp.progress
+            styles = {"failed": "danger", "diverged": "warning", "finished": "success"}
+            self.progress.bar_style = styles.get(exp.state, "")
 
     def _update_controls(self) -> None:
         exp = self.experiment
-        running, paused = exp.running, exp.state == "paused"
+        running, paused = exp.running, exp.state in WAITING
         self.start_button.disabled = running and not paused
-        self.pause_button.disabled = not running
-        self.pause_button.description = "Resume" if paused else "Pause"
-        self.pause_button.icon = "play" if paused else "pause"
+        with self.pause_button.hold_sync():  # one message for the three traits
+            self.pause_button.disabled = not running
+            self.pause_button.description = "Resume" if paused else "Pause"
+            self.pause_button.icon = "play" if paused else "pause"
         self.step_button.disabled = running and not paused
         self.stop_button.disabled = not running
         pending = exp.pending
@@ -427,23 +459,29 @@ class Dashboard(w.VBox):
         self.lr_slider.disabled = exp.config.schedule in OWNS_LR
         self.more.skip.disabled = exp.model.residual_blocks == 0
 
-    def _show_error(self, text: str) -> None:
+    def _show_error(self, text: str, diverged: bool = False) -> None:
         with self._lock:
             body = html.escape(text)
+            title = (
+                "The run diverged.</b> The last finite weights are kept. Lower the learning "
+                "rate or switch clipping on, then Resume (or Start); or Reset."
+                if diverged
+                else "The run failed.</b> The model and history are kept; Reset or Start again."
+            )
             self.error_area.value = (
                 "<div style='border-left:4px solid #d62728;padding:4px 8px;background:#fff5f5'>"
-                f"<b>The run failed.</b> The model and history are kept; Reset or Start again."
+                f"<b>{title}"
                 f"<pre style='white-space:pre-wrap;font-size:11px'>{body}</pre></div>"
             )
             self.error_area.layout.display = "block"
 
     def close(self) -> None:
+        # Note: also called on a panel whose __init__ refused its arguments half-way.
         self._closed = True
-        self._wake.set()
-        try:
-            self.experiment.off("run_ended", self._on_run_ended)
-        except ValueError:
-            pass
+        if hasattr(self, "_wake"):
+            self._wake.set()
+            with contextlib.suppress(ValueError):
+                self.experiment.off("run_ended", self._on_run_ended)
         super().close()
 
 

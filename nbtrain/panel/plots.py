@@ -4,6 +4,10 @@ Each figure is built once; `update(view)` assigns new arrays to its marks inside
 ``hold_sync()`` so one refresh is one message per mark that changed. Long series are
 decimated to at most `max_points` points, keeping each bucket's minimum and maximum so a
 spike never disappears from the plot.
+
+Budget: one refresh should stay under 32 KB on the wire (8 bytes a point: int32 step,
+float32 value), so only the raw loss line gets `max_points`; the smoothed loss gets a
+quarter of it, and the per-layer norm lines share half of it.
 """
 
 from __future__ import annotations
@@ -43,20 +47,34 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray,
         return x, y
     buckets = max_points // 2
     width = -(-n // buckets)
-    padded = np.concatenate([y, np.full(buckets * width - n, np.nan)]).reshape(buckets, width)
-    low = np.where(np.isnan(padded), np.inf, padded).argmin(axis=1)
-    high = np.where(np.isnan(padded), -np.inf, padded).argmax(axis=1)
+    # Padding repeats the last value, so an extreme found in the padding is the last point.
+    padded = np.concatenate([y, np.full(buckets * width - n, y[-1])]).reshape(buckets, width)
+    if np.isnan(y).any():
+        low = np.where(np.isnan(padded), np.inf, padded).argmin(axis=1)
+        high = np.where(np.isnan(padded), -np.inf, padded).argmax(axis=1)
+    else:  # the usual case (series drop NaN): no masked copies
+        low, high = padded.argmin(axis=1), padded.argmax(axis=1)
     offsets = np.arange(buckets)[:, None] * width
     index = np.sort(np.stack([low, high], axis=1), axis=1) + offsets
     index = np.minimum(index.ravel(), n - 1)
     return x[index], y[index]
 
 
-def smooth(y: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
-    """Exponential moving average, started at the first value (no bias towards zero)."""
-    if len(y) == 0:
-        return y
-    out, _ = lfilter([1 - weight], [1, -weight], y, zi=[weight * y[0]])
+def smooth(y: np.ndarray, weight: float = SMOOTHING, start: float | None = None) -> np.ndarray:
+    """Exponential moving average, started at `start` or else at the first finite value (no
+    bias towards zero).
+
+    A NaN or inf point is a gap: it reads NaN and the average carries over it unchanged,
+    since one inf fed to the filter would turn every later point into inf or NaN.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y)
+    out = np.full(len(y), np.nan)
+    if not finite.any():
+        return out
+    kept = y[finite]
+    first = kept[0] if start is None else start
+    out[finite], _ = lfilter([1 - weight], [1, -weight], kept, zi=[weight * first])
     return out
 
 
@@ -73,6 +91,26 @@ class View:
         if name not in self.history.names("step"):
             return np.zeros(0, dtype=np.int32), np.zeros(0)
         return self.history.series(name, "step")
+
+    def recent(self, name: str, n: int) -> np.ndarray:
+        """The last `n` exact values of a per-step metric (empty before the first)."""
+        if name not in self.history.names("step"):
+            return np.zeros(0)
+        return self.history.exact(name, "step", last=n)[1]
+
+    def smoothed_loss(self) -> tuple[np.ndarray, np.ndarray]:
+        """The EMA of the batch loss: exact over the recent steps; over folded history, each
+        bucket's mean at its middle step (a bucket of many steps averages more than the EMA
+        does, so nothing the EMA would show is lost at that resolution)."""
+        if "train_loss" not in self.history.names("step"):
+            return np.zeros(0, dtype=np.int32), np.zeros(0)
+        folded = self.history.buckets("train_loss", "step")
+        steps, loss = self.history.exact("train_loss", "step")
+        has = folded.count > 0
+        centers = (folded.first[has] + folded.last[has]) // 2
+        means = folded.mean[has]
+        start = means[-1] if len(means) else None
+        return np.concatenate([centers, steps]), np.concatenate([means, smooth(loss, start=start)])
 
     def eval_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.history.names("eval"):
@@ -251,7 +289,7 @@ class LossFigure(_MarkedFigure):
         steps, loss = view.step_series("train_loss")
         eval_steps, val_loss = view.eval_series("val_loss")
         x, y = decimate(steps, loss, view.max_points)
-        xs, ys = decimate(steps, smooth(loss), view.max_points)
+        xs, ys = decimate(*view.smoothed_loss(), view.max_points // 4)
         with self.raw.hold_sync(), self.smoothed.hold_sync(), self.val.hold_sync():
             self.raw.x, self.raw.y = x.astype(np.int32), _finite(y)
             self.smoothed.x, self.smoothed.y = xs.astype(np.int32), _finite(ys)
@@ -351,16 +389,14 @@ class GradientFigures:
         )
 
     def update(self, view: View) -> None:
-        steps, _ = view.step_series("train_loss")
-        if not len(steps):
+        if not len(view.recent("train_loss", 1)):
             if len(self.bars.x):  # a reset, or a new experiment: the last run's bars go
                 with self.bars.hold_sync(), self.norms.hold_sync():
                     self.bars.x, self.bars.y = [], np.zeros((2, 0), dtype=np.float32)
                     self.norms.x, self.norms.y = [], []
             return
-        recent = slice(-view.window, None)
-        means = [view.step_series(f"grad_mean/{n}")[1][recent] for n in self.layer_names]
-        maxes = [view.step_series(f"grad_max/{n}")[1][recent] for n in self.layer_names]
+        means = [view.recent(f"grad_mean/{n}", view.window) for n in self.layer_names]
+        maxes = [view.recent(f"grad_max/{n}", view.window) for n in self.layer_names]
         bars = np.array(
             [
                 [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in stat]
@@ -369,11 +405,13 @@ class GradientFigures:
             dtype=np.float32,
         )
         # Each layer keeps its own extremes, so each line has its own x (same length).
+        per_line = max(10, view.max_points // (2 * max(1, len(self.layer_names))))
         xs, ys = zip(
             *(
-                decimate(steps, view.step_series(f"grad_norm/{name}")[1], view.max_points)
+                decimate(*view.step_series(f"grad_norm/{name}"), per_line)
                 for name in self.layer_names
-            )
+            ),
+            strict=True,
         )
         bars, norms = _positive(bars), _positive(np.array(ys))
         rescaled = _fit_log_axis(self.bar_scale, self.bar_axis, bars)
@@ -386,7 +424,7 @@ class GradientFigures:
             self.bars.y = np.where(np.isfinite(bars), bars, self.bar_scale.min).astype(np.float32)
             # Note: bqplot squeezes a 1x1 array to a scalar, which it refuses; so a linear
             # model (one layer) draws its norm line from its second step.
-            if len(self.layer_names) > 1 or len(steps) > 1:
+            if len(self.layer_names) > 1 or len(xs[0]) > 1:
                 self.norms.x = np.array(xs, dtype=np.int32)
                 self.norms.y = norms
         _fit_log_axis(self.norm_scale, self.norm_axis, norms)

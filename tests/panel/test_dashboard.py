@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+import nbtrain
 from nbtrain import Dashboard, Experiment
 from nbtrain.panel import decimate, smooth
 
@@ -223,5 +224,41 @@ def test_diagnosis_area_shows_a_finding_and_its_remedy_button_acts():
         assert exp.step_count == 0 and exp.config.seed == 0
         dash.refresh()
         assert card.box.layout.display == "none"  # a new run: nothing standing yet
+    finally:
+        dash.close()
+
+
+def test_the_slow_motion_switch_and_slider_set_the_pace(panel):
+    exp, dash = panel
+    dash.speed_slider.value = 5.0
+    assert exp.config.speed is None  # the switch is off: full speed
+    dash.speed_toggle.value = True
+    assert exp.config.speed == 5.0
+    dash.speed_slider.value = 20.0
+    assert exp.config.speed == 20.0
+    dash.speed_toggle.value = False
+    assert exp.config.speed is None
+
+
+def test_a_refresh_over_a_million_steps_sends_bounded_lines_that_keep_an_early_spike():
+    exp = Experiment()
+    dash = Dashboard(exp, rate=0.1)
+    try:
+        history = nbtrain.History()
+        cols = exp.history.names("step") or exp._step_columns
+        steps = np.arange(1, 1_000_001)
+        for start in range(0, len(steps), 100_000):
+            chunk = steps[start : start + 100_000]
+            values = np.full((len(chunk), len(cols)), 0.5)
+            values[:, 0] = 1.0 / np.sqrt(chunk)
+            if start == 0:
+                values[9, 0] = 40.0  # a loss spike at step 10
+            history.record_rows("step", chunk, chunk // 23, cols, values)
+        exp.history = history
+        dash.refresh()
+        assert len(dash.loss.raw.x) <= 2000 and dash.loss.raw.x[-1] == 1_000_000
+        assert dash.loss.raw.y.max() == 40.0 and 10 in dash.loss.raw.x
+        assert len(dash.loss.smoothed.x) <= 500
+        assert dash.gradients.norms.y.shape[1] <= 2000 // (2 * len(exp.probe.layer_names))
     finally:
         dash.close()
