@@ -15,10 +15,12 @@ from .engine import Experiment, evaluate
 from .external import Watcher, watch
 from .history import Event, History
 from .model import FunnelMLP, SmallCNN, funnel_widths
+from .playground import Playground
 from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
     from .panel import Dashboard
+    from .panel.playground import PlaygroundPanel
 
 __all__ = [
     "Config",
@@ -28,6 +30,8 @@ __all__ = [
     "FunnelMLP",
     "History",
     "NBVAL_SANITIZE",
+    "Playground",
+    "PlaygroundPanel",
     "Run",
     "RunRegistry",
     "SmallCNN",
@@ -58,4 +62,8 @@ def __getattr__(name: str) -> Any:
         from .panel import Dashboard
 
         return Dashboard
+    if name == "PlaygroundPanel":
+        from .panel.playground import PlaygroundPanel
+
+        return PlaygroundPanel
     raise AttributeError(f"module 'nbtrain' has no attribute {name!r}")

@@ -1347,7 +1347,8 @@ class Experiment:
     def __repr__(self) -> str:
         cfg = self.config
         if self.builtin_model == "mlp":
-            model = f"mlp {'-'.join(map(str, cfg.hidden))} {cfg.activation}"
+            hidden = "-".join(map(str, cfg.hidden))
+            model = f"mlp {hidden} {cfg.activation}" if hidden else "linear"
         else:
             model = self.builtin_model or type(self.model).__name__
         optimizer = type(self.optimizer).__name__ if cfg.optimizer == "custom" else cfg.optimizer

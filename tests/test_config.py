@@ -48,3 +48,13 @@ def test_valid_values_come_back_canonical():
     cfg = make_config({"hidden": [16, 8], "lr": 1, "clip": 2})
     assert cfg.hidden == (16, 8)
     assert isinstance(cfg.lr, float) and cfg.clip == 2.0
+
+
+def test_no_hidden_layers_is_a_linear_model(small_data):
+    # hidden=() is the Playground's linear model: inputs straight to the output layer.
+    exp = Experiment(data=small_data, hidden=(), lr=0.05, epochs=5)
+    assert exp.config.hidden == ()
+    assert len(exp.model.blocks) == 0 and exp.model.head.in_features == 8
+    assert exp.probe.layer_names == ["output"]
+    exp.run()
+    assert exp.history.last("val_acc") > 0.5

@@ -408,6 +408,10 @@ class GradientFigures:
 
     def update(self, view: View) -> None:
         if not len(view.recent("train_loss", 1)):
+            if len(self.bars.x):  # a reset, or a new experiment: the last run's bars go
+                with self.bars.hold_sync(), self.norms.hold_sync():
+                    self.bars.x, self.bars.y = [], np.zeros((2, 0), dtype=np.float32)
+                    self.norms.x, self.norms.y = [], []
             return
         means = [view.recent(f"grad_mean/{n}", view.window) for n in self.layer_names]
         maxes = [view.recent(f"grad_max/{n}", view.window) for n in self.layer_names]
@@ -436,6 +440,9 @@ class GradientFigures:
                 self.bars.base = self.bar_scale.min
             # A layer without a finite gradient gets a flat bar (a NaN would blank the view).
             self.bars.y = np.where(np.isfinite(bars), bars, self.bar_scale.min).astype(np.float32)
-            self.norms.x = np.array(xs, dtype=np.int32)
-            self.norms.y = norms
+            # Note: bqplot squeezes a 1x1 array to a scalar, which it refuses; so a linear
+            # model (one layer) draws its norm line from its second step.
+            if len(self.layer_names) > 1 or len(xs[0]) > 1:
+                self.norms.x = np.array(xs, dtype=np.int32)
+                self.norms.y = norms
         _fit_log_axis(self.norm_scale, self.norm_axis, norms)
