@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -379,3 +380,143 @@ class NotebookPage:
         else:
             self.page.screenshot(path=str(path))
         return path
+
+
+# Lecture mode: a notebook served by Voila as an app (outputs and widgets, no code)
+
+
+@dataclass
+class VoilaServer:
+    """Voila serving one notebook at `/` on loopback (no token: loopback only)."""
+
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def fetch(self, path: str = "/", timeout: float = 300.0) -> str:
+        """The page at `path`; for `/` Voila answers once every cell has run."""
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
+            return response.read().decode()
+
+    def widget_states(self, kernel_id: str, timeout: float = 30.0) -> dict[str, dict]:
+        """Every widget model's state in the page's kernel, as a front end asks for it.
+
+        Through the kernel's websocket, with ipywidgets' control comm (`request_states`);
+        binary buffers (the plots' arrays) are left out, their shapes stay in the state.
+        """
+        from websockets.sync.client import connect
+
+        session, comm_id = secrets.token_hex(8), secrets.token_hex(8)
+        url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels?session_id={session}"
+        with connect(url, open_timeout=timeout, max_size=None) as socket_:
+            socket_.send(_kernel_message(session, "comm_open", {
+                "comm_id": comm_id, "target_name": "jupyter.widget.control", "data": {},
+            }, metadata={"version": "1.0.0"}))  # fmt: skip
+            request = _kernel_message(
+                session, "comm_msg", {"comm_id": comm_id, "data": {"method": "request_states"}}
+            )
+            socket_.send(request)
+            request_id = json.loads(request)["header"]["msg_id"]
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                message = _read_kernel_message(socket_.recv(timeout=timeout))
+                data = message.get("content", {}).get("data", {})
+                if (
+                    message.get("parent_header", {}).get("msg_id") == request_id
+                    and data.get("method") == "update_states"
+                ):
+                    return {key: value["state"] for key, value in data["states"].items()}
+        raise TimeoutError(f"no widget states from kernel {kernel_id} in {timeout:.0f} s")
+
+
+def _kernel_message(
+    session: str, msg_type: str, content: dict, metadata: dict | None = None
+) -> str:
+    """A Jupyter protocol message for a kernel's websocket (the JSON form, shell channel)."""
+    header = {
+        "msg_id": secrets.token_hex(16), "msg_type": msg_type, "session": session,
+        "username": "nbtrain-tests", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "version": "5.3",
+    }  # fmt: skip
+    return json.dumps({
+        "header": header, "parent_header": {}, "metadata": metadata or {},
+        "content": content, "channel": "shell", "buffers": [],
+    })  # fmt: skip
+
+
+def _read_kernel_message(frame: str | bytes) -> dict:
+    """A message from a kernel's websocket; a binary frame is a count, offsets, the JSON
+    message and its buffers (jupyter_server's legacy form), of which the JSON is kept."""
+    if isinstance(frame, str):
+        return json.loads(frame)
+    count = struct.unpack("!I", frame[:4])[0]
+    offsets = struct.unpack(f"!{count}I", frame[4 : 4 * (count + 1)])
+    end = offsets[1] if count > 1 else len(frame)
+    return json.loads(frame[offsets[0] : end])
+
+
+def voila_missing() -> str | None:
+    """Why Voila cannot run here, or None when it can."""
+    try:
+        import voila  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is missing (pip install -e '.[lecture]')"
+    return None
+
+
+@contextmanager
+def voila_server(notebook: Path, workdir: Path, timeout: float = 60.0) -> Iterator[VoilaServer]:
+    """Start `voila notebook` on a free loopback port, with its own home and Jupyter folders
+    in `workdir`, and the kernel importing nbtrain from this checkout."""
+    home, jupyter = workdir / "home", workdir / "jupyter"
+    for folder in (home, jupyter / "config", jupyter / "data", jupyter / "runtime"):
+        folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        JUPYTER_CONFIG_DIR=str(jupyter / "config"),
+        JUPYTER_DATA_DIR=str(jupyter / "data"),
+        JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
+        IPYTHONDIR=str(home / ".ipython"),
+        JUPYTER_PLATFORM_DIRS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    port = _free_port()
+    log = workdir / "voila.log"
+    command = [
+        sys.executable, "-m", "voila", str(notebook), "--no-browser",
+        f"--port={port}", "--Voila.ip=127.0.0.1",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = VoilaServer(process, port, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"voila exited with {process.returncode}:\n{server.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"voila not listening in {timeout:.0f} s:\n{server.tail()}"
+                    ) from exc
+                time.sleep(0.25)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
