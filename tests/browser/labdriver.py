@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -405,68 +404,11 @@ class VoilaServer:
         with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
             return response.read().decode()
 
-    def widget_states(self, kernel_id: str, timeout: float = 30.0) -> dict[str, dict]:
-        """Every widget model's state in the page's kernel, as a front end asks for it.
-
-        Through the kernel's websocket, with ipywidgets' control comm (`request_states`);
-        binary buffers (the plots' arrays) are left out, their shapes stay in the state.
-        """
-        from websockets.sync.client import connect
-
-        session, comm_id = secrets.token_hex(8), secrets.token_hex(8)
-        url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels?session_id={session}"
-        with connect(url, open_timeout=timeout, max_size=None) as socket_:
-            socket_.send(_kernel_message(session, "comm_open", {
-                "comm_id": comm_id, "target_name": "jupyter.widget.control", "data": {},
-            }, metadata={"version": "1.0.0"}))  # fmt: skip
-            request = _kernel_message(
-                session, "comm_msg", {"comm_id": comm_id, "data": {"method": "request_states"}}
-            )
-            socket_.send(request)
-            request_id = json.loads(request)["header"]["msg_id"]
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                message = _read_kernel_message(socket_.recv(timeout=timeout))
-                data = message.get("content", {}).get("data", {})
-                if (
-                    message.get("parent_header", {}).get("msg_id") == request_id
-                    and data.get("method") == "update_states"
-                ):
-                    return {key: value["state"] for key, value in data["states"].items()}
-        raise TimeoutError(f"no widget states from kernel {kernel_id} in {timeout:.0f} s")
-
-
-def _kernel_message(
-    session: str, msg_type: str, content: dict, metadata: dict | None = None
-) -> str:
-    """A Jupyter protocol message for a kernel's websocket (the JSON form, shell channel)."""
-    header = {
-        "msg_id": secrets.token_hex(16), "msg_type": msg_type, "session": session,
-        "username": "nbtrain-tests", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "version": "5.3",
-    }  # fmt: skip
-    return json.dumps({
-        "header": header, "parent_header": {}, "metadata": metadata or {},
-        "content": content, "channel": "shell", "buffers": [],
-    })  # fmt: skip
-
-
-def _read_kernel_message(frame: str | bytes) -> dict:
-    """A message from a kernel's websocket; a binary frame is a count, offsets, the JSON
-    message and its buffers (jupyter_server's legacy form), of which the JSON is kept."""
-    if isinstance(frame, str):
-        return json.loads(frame)
-    count = struct.unpack("!I", frame[:4])[0]
-    offsets = struct.unpack(f"!{count}I", frame[4 : 4 * (count + 1)])
-    end = offsets[1] if count > 1 else len(frame)
-    return json.loads(frame[offsets[0] : end])
-
 
 def voila_missing() -> str | None:
     """Why Voila cannot run here, or None when it can."""
     try:
         import voila  # noqa: F401
-        import websockets  # noqa: F401
     except ImportError as exc:
         return f"{exc.name} is missing (pip install -e '.[lecture]')"
     return None

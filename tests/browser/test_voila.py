@@ -1,9 +1,8 @@
 """Lecture mode: a notebook rendered by Voila as an app, the panel live and the code hidden.
 
 One Voila server for the module, on the quickstart (the shortest notebook with the panel).
-The first test needs no browser: it reads the page over HTTP (the widget state lives in the
-page's kernel; reading it through the kernel's websocket is not done here, see the report
-of issue 7). The second drives the page in headless chromium and presses Start.
+The first test needs no browser: it reads the page over HTTP (the widgets' state lives in
+the page's kernel and is not read here). The second drives the page in headless chromium.
 """
 
 from __future__ import annotations
