@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nbtrain-installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test test-browser screenshots lint notebooks
+.PHONY: setup lab lecture test test-browser screenshots lint notebooks
 
 setup: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml scripts/setup.sh
 # The main job: JupyterLab on the quickstart notebook.
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/00_quickstart.ipynb
+
+# Lecture mode: a notebook as an app with Voila (outputs and the live panel, no code).
+LECTURE ?= notebooks/04_training_challenges.ipynb
+lecture: $(STAMP)
+	$(VENV)/bin/voila $(LECTURE)
 
 # The whole test suite: unit tests, the panel, every notebook under strict nbval, and the
 # panel in JupyterLab and Notebook 7 in headless chromium (installed here when missing).

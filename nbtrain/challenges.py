@@ -83,7 +83,7 @@ PRESETS: dict[str, Preset] = {
             ),
             "two layers of 256 on 300 training digits, 30% of their labels replaced by random "
             "ones; Adam lr=1e-3, no regularization",
-            "130,000 parameters for 300 examples: the network learns the digits, then memorizes "
+            "85,000 weights for 300 examples: the network learns the digits, then memorizes "
             "the wrong labels too (training accuracy 1.0), and what it memorizes does not carry "
             "over to the clean validation set, so the gap grows",
             250,

@@ -67,6 +67,7 @@ class Signals:
 
     def __init__(self, history: History, layer_names: list[str]) -> None:
         self.layers = layer_names
+        self.history = history
         self.steps = len(history)
         names = history.names("step")
         self.window_steps, self.loss = (
@@ -83,6 +84,18 @@ class Signals:
         self.eval_steps, self.train_acc = get("train_acc") if get else (np.zeros(0),) * 2
         self.val_acc = get("val_acc")[1] if get else np.zeros(0)
         self.eval_loss = get("train_loss")[1] if get else np.zeros(0)
+
+    def first_nonfinite_step(self) -> int | None:
+        """The run's first step with an inf or NaN batch loss or gradient norm, looking past
+        the window (read only when the window holds one, so the common case stays cheap)."""
+        first = None
+        for name in ("train_loss", "grad_norm"):
+            if name in self.history.names("step"):
+                steps, values = self.history.series(name, "step")
+                bad = steps[~np.isfinite(values)]
+                if len(bad) and (first is None or bad[0] < first):
+                    first = int(bad[0])
+        return first
 
 
 class Detector:
@@ -156,9 +169,9 @@ class ExplodingGradients(Detector):
             return None
         bad = ~np.isfinite(s.loss) | ~np.isfinite(s.grad_norm)
         if bad.any():
-            return (
-                f"the loss or gradient norm became inf/NaN at step {int(s.window_steps[bad][0])}"
-            )
+            # The run's first such step, not the window's: the window moves on past it.
+            step = s.first_nonfinite_step() or int(s.window_steps[bad][0])
+            return f"the loss or gradient norm became inf/NaN at step {step}"
         grad0 = float(np.median(s.start_grad))
         loss0 = float(np.median(s.start_loss))
         grad_limit, loss_limit = (10, 2) if standing else (100, 10)
@@ -179,7 +192,7 @@ class ExplodingGradients(Detector):
         return None
 
     def remedies(self, experiment: Experiment) -> tuple[Remedy, ...]:
-        return (
+        found = [
             Remedy("Clip gradients (max norm 1)", {"clip": 1.0}),
             Remedy("Batch norm", {"batchnorm": True}),
             Remedy(
@@ -187,8 +200,10 @@ class ExplodingGradients(Detector):
                 {"lr": experiment.config.lr / 10},
                 restart=True,
             ),
-            Remedy("He init (restart)", {"init": "he"}, restart=True),
-        )
+        ]
+        if experiment.config.init not in ("he", "he_normal", "he_uniform"):
+            found.append(Remedy("He init (restart)", {"init": "he"}, restart=True))
+        return tuple(found)
 
 
 class Overfitting(Detector):

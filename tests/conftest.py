@@ -18,3 +18,7 @@ def small_data():
     y = torch.arange(300) % 3
     x = torch.randn(300, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(y, 8).float()
     return x, y
+
+
+# A lecturer's notebook, run by tests/test_lecture_recipe.py with the README's own command.
+collect_ignore = ["fixtures"]

@@ -171,6 +171,22 @@ def test_nan_at_the_first_step_is_exploding_and_crashes_nothing():
         assert detector.check(s, standing=False) is None
 
 
+def test_nan_evidence_names_the_runs_first_bad_step_after_the_window_moved_past_it():
+    # NaN from step 22 on, 161 steps: the 100-step window starts at 62, the blow-up did not.
+    losses = [2.0] * 21 + [math.nan] * 140
+    evidence = ExplodingGradients().check(_history(losses), standing=True)
+    assert "inf/NaN at step 22" in evidence
+
+
+def test_exploding_offers_he_init_only_to_a_network_without_it():
+    def labels(**config):
+        exp = Experiment(preset="exploding", **config)
+        return [r.label for r in ExplodingGradients().remedies(exp)]
+
+    assert "He init (restart)" not in labels()  # the preset is He-initialized already
+    assert "He init (restart)" in labels(init="normal", init_std=0.5)
+
+
 def test_a_run_shorter_than_the_window_is_not_judged_vanishing():
     tiny = [1e-9] * 10
     assert VanishingGradients().check(_history([2.0] * 10, first=tiny), False) is None

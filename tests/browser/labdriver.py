@@ -379,3 +379,86 @@ class NotebookPage:
         else:
             self.page.screenshot(path=str(path))
         return path
+
+
+# Lecture mode: a notebook served by Voila as an app (outputs and widgets, no code)
+
+
+@dataclass
+class VoilaServer:
+    """Voila serving one notebook at `/` on loopback (no token: loopback only)."""
+
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def fetch(self, path: str = "/", timeout: float = 300.0) -> str:
+        """The page at `path`; for `/` Voila answers once every cell has run."""
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
+            return response.read().decode()
+
+
+def voila_missing() -> str | None:
+    """Why Voila cannot run here, or None when it can."""
+    try:
+        import voila  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is missing (pip install -e '.[lecture]')"
+    return None
+
+
+@contextmanager
+def voila_server(notebook: Path, workdir: Path, timeout: float = 60.0) -> Iterator[VoilaServer]:
+    """Start `voila notebook` on a free loopback port, with its own home and Jupyter folders
+    in `workdir`, and the kernel importing nbtrain from this checkout."""
+    home, jupyter = workdir / "home", workdir / "jupyter"
+    for folder in (home, jupyter / "config", jupyter / "data", jupyter / "runtime"):
+        folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        JUPYTER_CONFIG_DIR=str(jupyter / "config"),
+        JUPYTER_DATA_DIR=str(jupyter / "data"),
+        JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
+        IPYTHONDIR=str(home / ".ipython"),
+        JUPYTER_PLATFORM_DIRS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    port = _free_port()
+    log = workdir / "voila.log"
+    command = [
+        sys.executable, "-m", "voila", str(notebook), "--no-browser",
+        f"--port={port}", "--Voila.ip=127.0.0.1",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = VoilaServer(process, port, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"voila exited with {process.returncode}:\n{server.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"voila not listening in {timeout:.0f} s:\n{server.tail()}"
+                    ) from exc
+                time.sleep(0.25)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
