@@ -164,7 +164,7 @@ def runs(server, context, out: Path) -> list[Path]:
     rename(names.nth(1), "dropout 0.5 (fork)")
     notebook.wait_until(
         lambda: notebook.panel.locator(".widget-html", has_text="finished").count() >= 3,
-        120,
+        300,  # two runs on two busy cores: the lone scene took under a minute
         "both runs finished",
     )  # the status line and both rows of the table
     settle(notebook)
