@@ -11,7 +11,7 @@ import numpy as np
 from ..config import INITS
 from ..engine import Experiment
 from ..internals import inspect_init
-from .plots import _figure, _finite, _positive
+from .plots import _figure, _finite, _fit_log_axis, _positive, _set_decades, fit_legend
 
 KINDS = ("weights", "activations", "gradients")
 
@@ -115,17 +115,19 @@ class InitInspector:
         self.second = w.Dropdown(options=INITS, value=other, description="B")
         self.compare = w.Button(description="Compare", icon="balance-scale")
         self.compare.on_click(lambda _: self.update())
-        names = experiment.probe.layer_names
         self.figures = {}
         self.bars = {}
+        self.axes = {}
         for key, title, scale in (
             ("activation_std", "Activation std per layer", bq.LinearScale(min=0)),
             ("activation_mean", "Activation mean per layer", bq.LinearScale()),
             ("grad_norm", "Gradient norm per layer (log)", bq.LogScale()),
         ):
+            # Note: bars start empty: zeros give a zero-height domain (NaN heights, and a
+            # log scale has no place for 0); one NaN leaves bqplot's bars view blank for good.
             bars = bq.Bars(
-                x=names,
-                y=np.zeros((2, len(names))),
+                x=[],
+                y=np.zeros((2, 0), dtype=np.float32),
                 type="grouped",
                 scales={"x": bq.OrdinalScale(), "y": scale},
                 colors=["#1f77b4", "#ff7f0e"],
@@ -133,17 +135,15 @@ class InitInspector:
                 display_legend=True,
             )
             self.bars[key] = bars
+            self.axes[key] = bq.Axis(
+                scale=scale, side="left", tick_format=".0e" if key == "grad_norm" else ".2f"
+            )
+            if key == "grad_norm":
+                _set_decades(scale, self.axes[key], -3, 0)  # a log axis with no domain: NaN ticks
             self.figures[key] = _figure(
                 title,
                 [bars],
-                [
-                    bq.Axis(scale=bars.scales["x"], label="layer (input → output)"),
-                    bq.Axis(
-                        scale=scale,
-                        side="left",
-                        tick_format=".1e" if key == "grad_norm" else ".2f",
-                    ),
-                ],
+                [bq.Axis(scale=bars.scales["x"], label="layer (input → output)"), self.axes[key]],
             )
         self.table = w.HTML()
         self.widget = w.VBox(
@@ -163,6 +163,12 @@ class InitInspector:
             ]
         )
 
+        # Drawn at once: the tab is built when first opened, and empty figures on scales with
+        # no domain fill the browser console with NaN errors.
+        self.update()
+        for figure in self.figures.values():
+            fit_legend(figure)
+
     def update(self) -> dict[str, Any]:
         schemes = (self.first.value, self.second.value)
         reports = inspect_init(self.experiment, schemes)
@@ -177,10 +183,27 @@ class InitInspector:
                     for report in (a, b)
                 ]
             )
+            values = _positive(values) if key == "grad_norm" else _finite(values)
+            if key == "grad_norm":
+                # Grouped bars on a log scale need explicit decades and a base on them.
+                _fit_log_axis(bars.scales["y"], self.axes[key], values)
+                floor = bars.scales["y"].min or 1e-3
+                values = np.where(np.isfinite(values), values, floor)
+            elif np.isfinite(values).any():
+                # Grouped bars compute no domain of their own here either: pin it to the data.
+                scale = bars.scales["y"]
+                low, high = float(np.nanmin(values)), float(np.nanmax(values))
+                with scale.hold_sync():
+                    scale.min, scale.max = min(0.0, low * 1.1), max(high * 1.1, 1e-6)
             with bars.hold_sync():
-                bars.x = [layer.name for layer in a.layers]
+                # Short names: nine full ones overlap under a third of the panel's width.
+                bars.x = [_short(layer.name) for layer in a.layers]
                 bars.labels = [f"A: {schemes[0]}", f"B: {schemes[1]}"]
-                bars.y = _positive(values) if key == "grad_norm" else _finite(values)
+                if key == "grad_norm":
+                    bars.base = floor
+                bars.y = np.where(np.isfinite(values), values, 0).astype(np.float32)
+            if key in self.figures:  # not yet while the constructor draws the first time
+                fit_legend(self.figures[key])
         rows = "".join(
             f"<tr><td>{la.name}</td><td>{la.weight_std:.4f}</td><td>{lb.weight_std:.4f}</td></tr>"
             for la, lb in zip(a.layers, b.layers)
@@ -190,3 +213,8 @@ class InitInspector:
             f"<th>weight std B</th></tr>{rows}</table>"
         )
         return reports
+
+
+def _short(name: str) -> str:
+    """hidden3 -> h3, output -> out (the table under the figures has the full names)."""
+    return name.replace("hidden", "h").replace("output", "out")

@@ -22,7 +22,19 @@ from scipy.signal import lfilter
 from ..history import Event, History
 
 TRAIN, VAL = "#1f77b4", "#ff7f0e"
-LAYER_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+# Ten, so a deep preset (the vanishing one has nine Linear layers) repeats no colour.
+LAYER_COLORS = [
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#393b79",
+    "#7f7f7f",
+    "#e7969c",
+]
 MARKER_COLOR = "#555555"
 # Other runs overlaid on the figures: apart from the current run's blue, orange and greens.
 OVERLAY_COLORS = [
@@ -38,6 +50,9 @@ OVERLAY_COLORS = [
     "#469990",
 ]
 SMOOTHING = 0.9  # EMA weight of the past for the train-loss line
+LEGEND_FONT_PX = 12
+# The legend's box sits on top of the lines; a light fill keeps its text readable.
+LEGEND_STYLE = {"fill": "white", "fill-opacity": 0.85, "stroke": "#bbbbbb"}
 
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,16 +133,42 @@ class View:
         return self.history.series(name, "eval")
 
 
-def _figure(title: str, marks: list, axes: list, height: str = "280px") -> bq.Figure:
-    return bq.Figure(
+def _figure(
+    title: str, marks: list, axes: list, height: str = "280px", legend: str = "top"
+) -> bq.Figure:
+    figure = bq.Figure(
         title=title,
         marks=marks,
         axes=axes,
         layout=Layout(width="100%", height=height, min_width="320px"),
-        fig_margin={"top": 40, "bottom": 40, "left": 60, "right": 20},
-        legend_location="top-right",
+        # right: room for half the last tick label ("1200") at the end of the step axis
+        fig_margin={"top": 40, "bottom": 40, "left": 60, "right": 30},
+        legend_location=legend,
+        legend_text={"font-size": f"{LEGEND_FONT_PX}px"},
         animation_duration=0,
     )
+    fit_legend(figure)
+    return figure
+
+
+def fit_legend(figure: bq.Figure, extra: list[str] | None = None) -> None:
+    """Size the legend's box to its text.
+
+    Note: bqplot makes the box (longest label + 2) em wide, about twice the text, and
+    places right-hand legends by that width too; so the panel uses the top, bottom and
+    left locations, whose place does not depend on it, and sets the box's width as CSS
+    (which wins over the attribute) from an estimate of 0.5 em a character.
+    """
+    labels = [
+        label
+        for mark in figure.marks
+        if getattr(mark, "display_legend", False)
+        for label in (mark.labels or [])
+    ] + list(extra or [])
+    longest = max((len(label) for label in labels), default=0)
+    # 8 px inside the left edge, the 15 px symbol, the text, 8 px to the right edge
+    width = 8 + 15 + longest * LEGEND_FONT_PX * 0.5 + 8
+    figure.legend_style = {**LEGEND_STYLE, "width": f"{width:.0f}px"}
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -150,6 +191,7 @@ class Overlay:
     """
 
     def __init__(self, scales: dict, positive: bool = False) -> None:
+        self.figure: bq.Figure | None = None  # set by the figure it is drawn on
         self.mark = bq.Lines(
             x=[], y=[], scales=scales, display_legend=True, stroke_width=1.5, opacities=[0.9]
         )
@@ -160,7 +202,7 @@ class Overlay:
         with self.mark.hold_sync():
             if not lines:
                 self.mark.x, self.mark.y, self.mark.labels = [], [], []
-                self.labels = []
+                self._set_labels([])
                 return
             # At least 2 points: bqplot squeezes a 1x1 array to a scalar, which it refuses.
             width = max(2, *(len(x) for _, _, x, _ in lines))
@@ -172,7 +214,13 @@ class Overlay:
                     ys[i, : len(y)] = self._clean(y)
             self.mark.x, self.mark.y = xs, ys
             self.mark.colors = [color for _, color, _, _ in lines]
-            self.mark.labels = self.labels = [label for label, _, _, _ in lines]
+            self.mark.labels = labels = [label for label, _, _, _ in lines]
+            self._set_labels(labels)
+
+    def _set_labels(self, labels: list[str]) -> None:
+        if labels != self.labels and self.figure is not None:
+            fit_legend(self.figure, labels)
+        self.labels = labels
 
 
 def _fit_log_axis(scale: bq.LogScale, axis: bq.Axis, values: np.ndarray) -> bool:
@@ -201,7 +249,14 @@ def _set_decades(scale: bq.LogScale, axis: bq.Axis, low: int, high: int) -> None
 
 
 class _MarkedFigure:
-    """A figure over steps whose change events are drawn as labelled vertical lines."""
+    """A figure over steps whose change events are drawn as labelled vertical lines.
+
+    A label sits right of its line, or left of it in the last 30% of the steps so that the
+    newest is not cut off at the edge; labels stagger down from `label_top` (a fraction of
+    the height), chosen per figure to stay clear of its legend and of where its lines run.
+    """
+
+    label_top = 0.96
 
     def __init__(self) -> None:
         self.x_scale = bq.LinearScale(min=0)
@@ -224,25 +279,55 @@ class _MarkedFigure:
             align="start",
             x_offset=3,
         )
-        self._marked = 0
+        self.marker_labels_left = bq.Label(
+            x=[],
+            y=[],
+            text=[],
+            scales={"x": self.x_scale, "y": self.unit},
+            colors=[MARKER_COLOR],
+            default_size=11,
+            align="end",
+            x_offset=-3,
+        )
+        self._marked: tuple | int = 0
 
-    def update_markers(self, changes: list[Event]) -> None:
-        if len(changes) == self._marked:
-            return
+    def marker_texts(self) -> list[str]:
+        """Every marker's label, in step order, whichever side of its line it is drawn."""
+        pairs = [
+            (x, text)
+            for mark in (self.marker_labels, self.marker_labels_left)
+            for x, text in zip(np.asarray(mark.x).tolist(), list(mark.text))
+        ]
+        return [text for _, text in sorted(pairs, key=lambda pair: pair[0])]
+
+    def update_markers(self, changes: list[Event], last_step: int = 0) -> None:
         steps = np.array([event.step for event in changes], dtype=np.float32)
-        with self.marker_lines.hold_sync(), self.marker_labels.hold_sync():
+        left = steps > 0.7 * max(last_step, 1)
+        key = (len(changes), tuple(left))
+        if key == self._marked:
+            return
+        heights = self.label_top - 0.07 * (np.arange(len(steps)) % 5)
+        texts = np.array([event.label for event in changes], dtype=object)
+        with (
+            self.marker_lines.hold_sync(),
+            self.marker_labels.hold_sync(),
+            self.marker_labels_left.hold_sync(),
+        ):
             if len(steps):
                 self.marker_lines.x = np.stack([steps, steps], axis=1)
                 self.marker_lines.y = np.tile(np.array([0, 1], dtype=np.float32), (len(steps), 1))
             else:
                 self.marker_lines.x, self.marker_lines.y = [], []
-            self.marker_labels.x = steps
-            self.marker_labels.y = 0.96 - 0.07 * (np.arange(len(steps)) % 5)
-            self.marker_labels.text = [event.label for event in changes]
-        self._marked = len(changes)
+            for mark, side in ((self.marker_labels, ~left), (self.marker_labels_left, left)):
+                mark.x = steps[side]
+                mark.y = heights[side].astype(np.float32)
+                mark.text = list(texts[side])
+        self._marked = key
 
 
 class LossFigure(_MarkedFigure):
+    label_top = 0.68  # under the legend at the top, above a loss that has come down
+
     def __init__(self) -> None:
         super().__init__()
         y = bq.LinearScale()
@@ -282,8 +367,10 @@ class LossFigure(_MarkedFigure):
             self.overlay.mark,
             self.marker_lines,
             self.marker_labels,
+            self.marker_labels_left,
         ]
         self.figure = _figure("Loss", marks, axes)
+        self.overlay.figure = self.figure
 
     def update(self, view: View) -> None:
         steps, loss = view.step_series("train_loss")
@@ -294,10 +381,12 @@ class LossFigure(_MarkedFigure):
             self.raw.x, self.raw.y = x.astype(np.int32), _finite(y)
             self.smoothed.x, self.smoothed.y = xs.astype(np.int32), _finite(ys)
             self.val.x, self.val.y = eval_steps.astype(np.int32), _finite(val_loss)
-        self.update_markers(view.history.markers())
+        self.update_markers(view.history.markers(), int(steps[-1]) if len(steps) else 0)
 
 
 class AccuracyFigure(_MarkedFigure):
+    label_top = 0.62  # under accuracies near 1.0, above the legend at the bottom
+
     def __init__(self) -> None:
         super().__init__()
         y = bq.LinearScale(min=0, max=1)
@@ -329,16 +418,24 @@ class AccuracyFigure(_MarkedFigure):
             bq.Axis(scale=y, side="left", label="accuracy", tick_format=".0%"),
         ]
         self.overlay = Overlay(scales)
-        marks = [self.train, self.val, self.overlay.mark, self.marker_lines, self.marker_labels]
-        self.figure = _figure("Accuracy (full sets, eval mode)", marks, axes)
-        self.figure.legend_location = "bottom-right"
+        marks = [
+            self.train,
+            self.val,
+            self.overlay.mark,
+            self.marker_lines,
+            self.marker_labels,
+            self.marker_labels_left,
+        ]
+        self.figure = _figure("Accuracy (full sets, eval mode)", marks, axes, legend="bottom")
+        self.overlay.figure = self.figure
 
     def update(self, view: View) -> None:
         with self.train.hold_sync(), self.val.hold_sync():
             for mark, name in ((self.train, "train_acc"), (self.val, "val_acc")):
                 steps, acc = view.eval_series(name)
                 mark.x, mark.y = steps.astype(np.int32), _finite(acc)
-        self.update_markers(view.history.markers())
+        steps, _ = view.step_series("train_loss")
+        self.update_markers(view.history.markers(), int(steps[-1]) if len(steps) else 0)
 
 
 def layer_labels(layer_names: list[str], status: dict[str, str] | None) -> list[str]:
@@ -378,6 +475,7 @@ class GradientFigures:
             "Gradient flow (last 20 steps)",
             [self.bars],
             [bq.Axis(scale=self.bars.scales["x"], label="layer (input → output)"), self.bar_axis],
+            legend="top-left",
         )
         self.x_scale = bq.LinearScale(min=0)
         self.norm_scale = bq.LogScale()
@@ -398,6 +496,7 @@ class GradientFigures:
             [self.norms, self.overlay.mark],
             [bq.Axis(scale=self.x_scale, label="step"), self.norm_axis],
         )
+        self.overlay.figure = self.norm_figure
 
     def set_status(self, status: dict[str, str]) -> None:
         self.labels = layer_labels(self.layer_names, status)

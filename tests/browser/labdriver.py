@@ -321,6 +321,22 @@ class NotebookPage:
     def button(self, label: str) -> Any:
         return self.panel.locator("button", has_text=re.compile(f"^\\s*{label}\\s*$"))
 
+    def toggle(self, label: str) -> Any:
+        """A switch (ToggleButton): unlike `button`, never a remedy button of the same name."""
+        return self.panel.locator(
+            "button.widget-toggle-button", has_text=re.compile(f"^\\s*{label}\\s*$")
+        )
+
+    def visible_button(self, label: str) -> Any:
+        """A shown button whose text starts with `label` (remedy cards are hidden until a
+        finding stands)."""
+        return self.panel.locator(
+            "button:visible", has_text=re.compile(f"^\\s*{re.escape(label)}")
+        )
+
+    def open_tab(self, title: str) -> None:
+        self.panel.locator(".lm-TabBar-tab", has_text=title).first.click()
+
     def status(self) -> str:
         return self.panel.locator(".widget-html").first.inner_text()
 
@@ -368,6 +384,31 @@ class NotebookPage:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
             time.sleep(0.1)
+
+    def screenshot_parts(self, path: Path, first: int, last: int) -> Path:
+        """Only the panel's rows `first` to `last` (its children, in order), as one picture.
+
+        Rows hidden now (an error area with nothing to say) take no room. The panel is
+        scrolled to the top of the notebook first: JupyterLab draws only what is in view.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.mouse.move(0, 0)  # a hovered figure shows bqplot's toolbar over the plot
+        self.panel.evaluate("el => el.scrollIntoView({block: 'start'})")
+        rows = self.panel.locator(":scope > *")
+        boxes = [rows.nth(i).bounding_box() for i in range(first, last + 1)]
+        boxes = [box for box in boxes if box and box["height"] > 0]
+        panel = self.panel.bounding_box()
+        top = min(box["y"] for box in boxes)
+        bottom = max(box["y"] + box["height"] for box in boxes)
+        margin = 4
+        clip = {
+            "x": panel["x"] - margin,
+            "y": top - margin,
+            "width": panel["width"] + 2 * margin,
+            "height": bottom - top + 2 * margin,
+        }
+        self.page.screenshot(path=str(path), clip=clip)
+        return path
 
     def screenshot(self, path: Path, panel_only: bool = False) -> Path:
         """The page (or only the panel, which must fit in the viewport to be whole)."""

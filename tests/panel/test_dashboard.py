@@ -69,9 +69,9 @@ def test_switches_reach_the_engine_and_each_change_is_a_labelled_marker(panel):
     live = {k: exp.in_force[k] for k in ("dropout", "batchnorm", "clip", "lr")}
     assert live == {"dropout": 0.4, "batchnorm": True, "clip": 1.0, "lr": 1e-2}
     dash.refresh()
-    labels = list(dash.loss.marker_labels.text)
+    labels = dash.loss.marker_texts()
     assert labels == ["dropout off→0.4", "batchnorm off→on", "clip off→1", "lr 0.001→0.01"]
-    assert list(dash.accuracy.marker_labels.text) == labels
+    assert dash.accuracy.marker_texts() == labels
     assert dash.loss.marker_lines.x.shape == (4, 2)
     assert "in force: <b>0.4</b>" in dash.readouts["dropout"].value
     dash.dropout_toggle.value = False

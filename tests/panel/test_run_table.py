@@ -103,7 +103,7 @@ def test_fork_here_forks_with_the_form_and_drives_the_fork(two_runs, registry):
     dash.refresh()
     assert list(form.rows) == [1, 2, 3] and form.rows[2].overlay.value
     assert "batchnorm @" in form.rows[3].cells["diff"].value
-    assert list(dash.loss.marker_labels.text)[-2:] == ["batchnorm off→on", "lr 0.001→0.01"]
+    assert dash.loss.marker_texts()[-2:] == ["batchnorm off→on", "lr 0.001→0.01"]
     dash.start_button.click()  # the panel's buttons now drive the fork
     assert child.wait(60) and child.step_count == 2 * exp.step_count
     assert exp.step_count == len(exp.history)  # the parent did not move
