@@ -6,6 +6,7 @@ panel (`Dashboard`) is imported on first use.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,11 @@ __all__ = [
     "watch",
 ]
 __version__ = "0.1.0"
+
+# A library logs and lets the application decide where it goes: without this, Python's
+# last-resort handler would print nbtrain's warnings (a diverged run, a layer without
+# gradient) into notebook cells. The panel and `exp.error` show them anyway.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: nbval sanitizer for nbtrain's variable output (rates, durations): pass it to
 #: ``pytest --nbval --nbval-sanitize-with``.

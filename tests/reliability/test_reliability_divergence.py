@@ -197,8 +197,8 @@ def test_the_panel_shows_the_divergence_and_resumes_from_its_button(exp):
         assert "<b>diverged</b>" in dash.status.value
         assert dash.pause_button.description == "Resume" and not dash.step_button.disabled
         assert dash.progress.bar_style == "warning"
-        assert list(dash.loss.marker_labels.text) == ["diverged at step 4"]  # marked on plots
-        assert list(dash.loss.marker_labels.x) == [4]
+        assert dash.loss.marker_texts() == ["diverged at step 4"]  # marked on plots
+        assert np.asarray(dash.loss.marker_lines.x).ravel().tolist() == [4, 4]  # one line
         dash.lr_slider.value = 1e-4
         dash.pause_button.click()
         assert exp.wait(30) and exp.state == "finished"
