@@ -25,5 +25,6 @@ else
     "$venv/bin/pip" install --quiet ${TORCH:-torch==2.13.0}
 fi
 # torch is a range in pyproject.toml, so this keeps whichever torch is there.
-"$venv/bin/pip" install --quiet -e ".[test,lecture]"
+# lightning: notebook 05 and the Lightning tests use it (an optional extra for users).
+"$venv/bin/pip" install --quiet -e ".[test,lecture,lightning]"
 "$venv/bin/python" -c "import torch, nbtrain; print('setup: nbtrain', nbtrain.__version__, 'with torch', torch.__version__)"
