@@ -11,7 +11,7 @@ import difflib
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -32,22 +32,12 @@ OptimizerName = Literal["sgd", "momentum", "adam", "adamw", "rmsprop"]
 Schedule = Literal["none", "step", "cosine", "onecycle", "plateau"]
 Monitor = Literal["val_loss", "val_acc"]
 
-ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
-# "he" and "xavier" are the normal variants, under their everyday names.
-INITS: tuple[str, ...] = (
-    "default",
-    "he",
-    "he_normal",
-    "he_uniform",
-    "xavier",
-    "xavier_normal",
-    "xavier_uniform",
-    "zeros",
-    "normal",
-)
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw", "rmsprop")
-SCHEDULES: tuple[str, ...] = ("none", "step", "cosine", "onecycle", "plateau")
-MONITORS: tuple[str, ...] = ("val_loss", "val_acc")
+# The allowed values, in the order error messages list them: the Literal types' own.
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+INITS: tuple[str, ...] = get_args(Init)  # "he" and "xavier": the normal variants' usual names
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+MONITORS: tuple[str, ...] = get_args(Monitor)
 
 # What `Experiment.set()` may change while a run is going. Everything else is fixed for a run
 # and changes with `Experiment.restart()`. batch_size waits for the next epoch boundary.
