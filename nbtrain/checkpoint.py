@@ -34,7 +34,7 @@ import torch
 from .config import FIELDS, LIVE_KEYS, Config, check_value, make_config
 from .data import Split
 from .history import Event, History
-from .runs import table_rows
+from .runs import event_record, table_rows
 
 if TYPE_CHECKING:
     from .engine import Experiment
@@ -70,17 +70,7 @@ def history_state(history: History) -> dict[str, Any]:
             "names": list(names),
             "values": torch.from_numpy(values.astype(np.float64)),
         }
-    out["events"] = [
-        {
-            "step": e.step,
-            "epoch": e.epoch,
-            "kind": e.kind,
-            "label": e.label,
-            "detail": _plain(e.detail),
-            "time": e.time,
-        }
-        for e in history.events
-    ]
+    out["events"] = [event_record(e, _plain) for e in history.events]
     return out
 
 

@@ -294,18 +294,22 @@ class Watcher:
 
     # Controls (the panel's thread)
 
-    def set(self, **changes: Any) -> None:
-        """Queue ``dropout``, ``batchnorm`` or ``lr`` changes for your loop's next `log()`."""
+    def _checked_live(self, changes: dict[str, Any], owner: str, where: str) -> dict[str, Any]:
+        """`changes` validated, and refused unless they are ``LIVE`` and can act here."""
         checked = check_changes(changes)
         reasons = self.unavailable()
         for name, value in checked.items():
             if name not in LIVE:
                 raise ValueError(
-                    f"{name!r} is your loop's to set; on a watched loop set() can change "
-                    f"{', '.join(LIVE)}"
+                    f"{name!r} is {owner} to set; {where} set() can change {', '.join(LIVE)}"
                 )
             if name in reasons:
                 raise ValueError(f"{name}={value!r} cannot act here: {reasons[name]}")
+        return checked
+
+    def set(self, **changes: Any) -> None:
+        """Queue ``dropout``, ``batchnorm`` or ``lr`` changes for your loop's next `log()`."""
+        checked = self._checked_live(changes, "your loop's", "on a watched loop")
         with self._cond:
             self._pending.update(checked)
             if not self.running:

@@ -33,7 +33,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,6 +96,19 @@ def long_rows(history: History, steps_per_epoch: int) -> Iterator[tuple]:
 
 def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN or inf
+
+
+def event_record(event: Event, plain: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """An event as a dict of plain values, its detail made plain by `plain` (JSON's types
+    by default; checkpoints pass their own)."""
+    return {
+        "step": event.step,
+        "epoch": event.epoch,
+        "kind": event.kind,
+        "label": event.label,
+        "detail": (plain or _plain)(event.detail),
+        "time": event.time,
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -321,17 +334,7 @@ class Run:
                     for j, n in enumerate(names)
                 },
             }
-        out["events"] = [
-            {
-                "step": e.step,
-                "epoch": e.epoch,
-                "kind": e.kind,
-                "label": e.label,
-                "detail": _plain(e.detail),
-                "time": e.time,
-            }
-            for e in self.history.events
-        ]
+        out["events"] = [event_record(e) for e in self.history.events]
         if path is not None:
             with open(path, "w", encoding="utf-8") as handle:
                 json.dump(out, handle, indent=1, allow_nan=False, ensure_ascii=False)

@@ -47,9 +47,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "(or pip install lightning)"
     ) from exc
 
-from ..config import check_changes
 from ..engine import _format
-from ..external import LIVE, Watcher, _table_of
+from ..external import Watcher, _table_of
 from ..foreign import Switches, probe_layers
 from ..gradients import GradientProbe
 
@@ -79,16 +78,7 @@ class LightningRun(Watcher):
 
     def set(self, **changes: Any) -> None:
         """Queue ``dropout``, ``batchnorm`` or ``lr`` for every rank's next training batch."""
-        checked = check_changes(changes)
-        reasons = self.unavailable()
-        for name, value in checked.items():
-            if name not in LIVE:
-                raise ValueError(
-                    f"{name!r} is the Trainer's to set; from the panel set() can change "
-                    f"{', '.join(LIVE)}"
-                )
-            if name in reasons:
-                raise ValueError(f"{name}={value!r} cannot act here: {reasons[name]}")
+        checked = self._checked_live(changes, "the Trainer's", "from the panel")
         with self._cond:
             self._pending.update(checked)
         self._callback._send(("set", checked))
