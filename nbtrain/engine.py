@@ -239,6 +239,7 @@ class Experiment:
         self.early_stopping = EarlyStopping()
         self._early_stop_hit = False
         self._augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self._augment_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
         self._layers = probe_layers(self.model)
         self.probe = GradientProbe(self.model, self._layers)
         self._l1_weights = [
@@ -1036,9 +1037,16 @@ class Experiment:
         x, y = self._next_batch()
         cfg = self.config
         if cfg.augment:
-            shape = self.data.image_shape
-            bounds = self.data.x_train.amin(dim=0), self.data.x_train.amax(dim=0)
-            x = shift_and_noise(x, self.data.mean, self.data.std, shape, bounds, self._augment_rng)
+            if self._augment_bounds is None:  # each pixel's range in the training set, once
+                self._augment_bounds = self.data.x_train.amin(0), self.data.x_train.amax(0)
+            x = shift_and_noise(
+                x,
+                self.data.mean,
+                self.data.std,
+                self.data.image_shape,
+                self._augment_bounds,
+                self._augment_rng,
+            )
         if cfg.batchnorm:
             torch._foreach_copy_(self._saved_buffers, self._buffers)
 
