@@ -120,9 +120,9 @@ def bare_loop(case: Case, livelossplot: bool = False) -> tuple[float, int, float
         evaluate(model, data.x_val, data.y_val, loss_fn, cfg.eval_batch_size)
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=order)
+            model.train()  # once an epoch, after the evaluation, as PyTorch's tutorials do
             for begin in range(0, n, size):
                 index = perm[begin : begin + size]
-                model.train()
                 loss = loss_fn(model(data.x_train[index]), data.y_train[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .engine import Experiment
     from .history import History
 
-CHECK_EVERY = 25
+CHECK_EVERY = 50
 WINDOW = 100  # steps the step-level rules look back over
 
 

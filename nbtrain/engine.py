@@ -10,7 +10,7 @@ Cost: a step's row (loss and gradient statistics) stays on the device in a small
 reaches the history in batches: when the buffer is full (`ROW_BUFFER` steps), every
 `FLUSH_SECONDS` at the latest, and at every boundary a reader can observe (an evaluation, a
 pause, a single step, the end of the run). So the history may trail `step_count` by up to
-50 ms while a run goes, and a GPU run pays one host transfer per batch instead of one per step.
+100 ms while a run goes, and a GPU run pays one host transfer per batch instead of one per step.
 An observer of "step_completed" is the exception: it may read the history, so with one
 attached every step is flushed before it is called.
 
@@ -63,7 +63,7 @@ from .sources import (
 log = logging.getLogger(__name__)
 
 ROW_BUFFER = 256  # steps whose rows wait on the device before reaching the history
-FLUSH_SECONDS = 0.05  # the longest a finished step waits before it is in the history
+FLUSH_SECONDS = 0.1  # the longest a finished step waits before it is in the history
 
 State = Literal["idle", "running", "paused", "diverged", "finished", "stopped", "failed"]
 
@@ -254,6 +254,7 @@ class Experiment:
         self._step_columns = ["train_loss", "lr", *self.probe.columns]
         self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
         self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._host_rows: np.ndarray | None = None  # the buffer's memory, when on the CPU
         self._row_meta: list[tuple[int, int, float]] = []  # (step, epoch, lr) per buffered row
         self._flushed_at = time.perf_counter()
         self._next_step_at = 0.0  # the pace's clock (see `speed`)
@@ -1051,7 +1052,10 @@ class Experiment:
             torch._foreach_copy_(self._saved_buffers, self._buffers)
 
         # Forward and backward; the L1 penalty joins the objective, not the recorded loss.
-        self.model.train()
+        # An evaluation puts the model back in training mode; so this costs a call (a walk
+        # over every module) only when something else left it in eval mode.
+        if not self.model.training:
+            self.model.train()
         loss = self.loss_fn(self.model(x), y)
         objective = loss
         if cfg.l1 > 0 and self._l1_weights:
@@ -1063,22 +1067,30 @@ class Experiment:
         if self._rows is None:
             self._rows = torch.empty(ROW_BUFFER, 1 + self.probe.raw_width, device=loss.device)
             self._row_views = [(row[0], row[1:]) for row in self._rows]  # no indexing per step
-        loss_slot, raw_slot = self._row_views[len(self._row_meta)]
-        loss_slot.copy_(loss.detach())
+            self._host_rows = self._rows.numpy() if self._rows.device.type == "cpu" else None
+        slot = len(self._row_meta)
+        loss_slot, raw_slot = self._row_views[slot]
         raw = self.probe.measure_raw(out=raw_slot)
-        total = self.probe.total_norm(raw)
 
         # Decide the step: a NaN or inf anywhere shows in the loss or in the sum of the
-        # gradient norms. Note: this is one host transfer of two numbers a step (on a GPU
-        # too): a non-finite step must be refused before the optimizer applies it, and the
-        # batched rows reach the host too late for that.
-        loss_value, health = torch.stack([loss.detach().float(), self.probe.health(raw)]).tolist()
+        # gradient norms. Note: on a GPU this is one host transfer of two numbers a step: a
+        # non-finite step must be refused before the optimizer applies it, and the batched
+        # rows reach the host too late for that. On the CPU the row is host memory already,
+        # read with numpy: a torch call costs more than the arithmetic on a small model.
+        if self.probe.on_host and self._host_rows is not None:
+            loss_value, health = loss.item(), self.probe.host_health(raw)
+            self._host_rows[slot, 0] = loss_value
+        else:
+            loss_slot.copy_(loss.detach())
+            pair = torch.stack([loss.detach().float(), self.probe.health(raw)])
+            loss_value, health = pair.tolist()
         refused = not (math.isfinite(loss_value) and math.isfinite(health)) and self._diverge(
-            [loss_value, float(total)]
+            [loss_value, float(self.probe.total_norm(raw))]
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         if not refused:
             if cfg.clip is not None:
+                total = self.probe.total_norm(raw)
                 nn.utils.clip_grads_with_norm_(self.probe.parameters, cfg.clip, total)
             self.optimizer.step()
             if (

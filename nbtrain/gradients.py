@@ -55,6 +55,14 @@ class GradientProbe:
         self._numel = torch.tensor([float(p.numel()) for p in self._in_layers])
         sizes = [p.numel() for p in self._in_layers]
         self._offsets = np.cumsum([0, *sizes[:-1]]) if sizes else np.zeros(0, dtype=np.int64)
+        # The CPU path's scratch memory, made once: |g| of every gradient end to end, and
+        # its square.
+        self._magnitude = np.empty(sum(sizes), dtype=np.float32)
+        self._square = np.empty(sum(sizes), dtype=np.float32)
+        self._member_np = self._member.numpy()
+        self._numel_np = self._numel.numpy()
+        self._missing: list[bool] = [False] * n
+        self.on_host = False  # the last row was measured on the CPU, all gradients present
 
     def measure_raw(
         self,
@@ -73,15 +81,17 @@ class GradientProbe:
             grads = [grads_by_id.get(id(p)) for p in self._in_layers]
             other = [grads_by_id.get(id(p)) for p in self._other_params]
         self._missing = [g is None for g in grads]  # for health(): NaN there means "none"
-        if all(g is not None for g in grads) and all(g is None for g in other):
-            on_cpu = grads and all(
-                g.device.type == "cpu" and g.dtype == torch.float32 for g in grads
+        self.on_host = False
+        if True not in self._missing and all(g is None for g in other):
+            host = (
+                grads
+                and all(g.is_cpu and g.dtype is torch.float32 for g in grads)
+                and (out is None or (out.is_cpu and out.dtype is torch.float32))
             )
-            if on_cpu and (
-                out is None or (out.device.type == "cpu" and out.dtype == torch.float32)
-            ):
+            if host:
                 row = torch.empty(self.raw_width) if out is None else out
                 self._measure_on_cpu(grads, row.numpy())
+                self.on_host = True
                 return row
             parts = [*torch._foreach_norm(grads, 2), *torch._foreach_norm(grads, 1)]
             parts += torch._foreach_norm(grads, math.inf)
@@ -111,11 +121,16 @@ class GradientProbe:
         return row
 
     def _measure_on_cpu(self, grads: list[torch.Tensor], row: np.ndarray) -> None:
+        # Every call here is a numpy call into memory made once: on a small model each step's
+        # cost is the calls, not the arithmetic (benchmarks/bench_overhead.py).
         n = len(grads)
-        magnitude = np.abs(np.concatenate([g.numpy().ravel() for g in grads]))
+        magnitude, square = self._magnitude, self._square
+        np.concatenate([g.numpy() for g in grads], axis=None, out=magnitude)
+        np.abs(magnitude, out=magnitude)
         # Note: an exploding gradient's squares overflow float32 to inf, which is then its norm.
         with np.errstate(over="ignore", invalid="ignore"):
-            np.add.reduceat(magnitude * magnitude, self._offsets, out=row[:n])
+            np.multiply(magnitude, magnitude, out=square)
+            np.add.reduceat(square, self._offsets, out=row[:n])
         np.sqrt(row[:n], out=row[:n])
         np.add.reduceat(magnitude, self._offsets, out=row[n : 2 * n])
         np.maximum.reduceat(magnitude, self._offsets, out=row[2 * n : 3 * n])
@@ -130,6 +145,12 @@ class GradientProbe:
             l2 = l2[torch.tensor([not m for m in self._missing], device=raw.device)]
         return l2.sum() + raw[3 * n :].sum()
 
+    def host_health(self, raw: torch.Tensor) -> float:
+        """`health` as a float, read from a row that `measure_raw` wrote on the host
+        (`on_host`): a numpy sum, with no torch call and no transfer."""
+        assert self.on_host, "host_health() reads a row measured on the CPU"
+        return float(raw.numpy()[: len(self._in_layers)].sum())
+
     def total_norm(self, raw: torch.Tensor) -> torch.Tensor:
         """The whole model's gradient L2 norm from one raw row (for clipping)."""
         n = len(self._in_layers)
@@ -137,22 +158,28 @@ class GradientProbe:
         return l2.square().sum().sqrt()
 
     def combine(self, raw: torch.Tensor) -> torch.Tensor:
-        """Rows of ``[total_norm, norms..., means..., maxes...]`` from rows of raw norms."""
-        raw = raw.float().reshape(-1, self.raw_width).cpu()
-        n = len(self._in_layers)
+        """Rows of ``[total_norm, norms..., means..., maxes...]`` from rows of raw norms.
+
+        In numpy, on the host: a block of a few hundred rows is a handful of small arrays,
+        for which a numpy call costs a fraction of a torch call.
+        """
+        raw = raw.float().reshape(-1, self.raw_width).cpu().numpy()
+        n, member = len(self._in_layers), self._member_np
         l2, l1, linf, other = raw[:, :n], raw[:, n : 2 * n], raw[:, 2 * n : 3 * n], raw[:, 3 * n :]
-        present = (~l2.isnan()).float()
-        square = l2.nan_to_num(0.0).square()
-        norms = (square @ self._member.T).sqrt()
-        numel = present * self._numel @ self._member.T
-        means = (l1.nan_to_num(0.0) @ self._member.T) / numel.clamp(min=1)
-        # |g| >= 0, so a non-member's zero never wins the max.
-        maxes = (linf.nan_to_num(0.0)[:, None, :] * self._member).amax(dim=2)
-        missing = torch.where(numel > 0, 0.0, math.nan)
-        total = (square.sum(dim=1) + other.square().sum(dim=1)).sqrt()
-        no_grad = (present.sum(dim=1) == 0) & (other.sum(dim=1) == 0)
-        total = torch.where(no_grad, math.nan, total)
-        return torch.cat([total[:, None], norms + missing, means + missing, maxes + missing], 1)
+        present = ~np.isnan(l2)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            square = np.where(present, l2, 0.0) ** 2
+            norms = np.sqrt(square @ member.T)
+            numel = (present * self._numel_np) @ member.T
+            means = (np.where(present, l1, 0.0) @ member.T) / np.maximum(numel, 1)
+            # |g| >= 0, so a non-member's zero never wins the max.
+            maxes = (np.where(present, linf, 0.0)[:, None, :] * member).max(axis=2, initial=0.0)
+            missing = np.where(numel > 0, 0.0, np.nan)
+            total = np.sqrt(square.sum(axis=1) + (other**2).sum(axis=1))
+        no_grad = ~present.any(axis=1) & (other.sum(axis=1) == 0)
+        total = np.where(no_grad, np.nan, total)
+        out = np.concatenate([total[:, None], norms + missing, means + missing, maxes + missing], 1)
+        return torch.from_numpy(out.astype(np.float32, copy=False))
 
     def measure(self) -> torch.Tensor:
         """``[total_norm, norms..., means..., maxes...]`` of the gradients now, as one
