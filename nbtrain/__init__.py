@@ -16,7 +16,7 @@ from .engine import Experiment, evaluate
 from .external import Watcher, watch
 from .history import Event, History
 from .model import FunnelMLP, SmallCNN, funnel_widths
-from .playground import Playground
+from .playground import Playground, RegressionPlayground
 from .runs import Run, RunRegistry, session_runs
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "NBVAL_SANITIZE",
     "Playground",
     "PlaygroundPanel",
+    "RegressionPlayground",
     "Run",
     "RunRegistry",
     "SmallCNN",

@@ -8,8 +8,9 @@ data. Pure numpy and PyTorch, like the engine; the views are in `nbtrain.panel.p
 The data change when the features do, so a feature change is a new `Experiment`, not a
 `restart()`: `Playground` owns the dataset, the features and the experiment built from them.
 
-Regression (a noisy sine, `make_sine`) has its generator here and a curve view in the panel;
-training it needs the engine's regression task, which issue 6 adds.
+`RegressionPlayground` is the 1-D counterpart for the underfitting and overfitting lessons:
+a noisy sine (`make_sine`), an MLP trained on it by a regression `Experiment`, and the
+fitted curve over a dense grid of x.
 """
 
 from __future__ import annotations
@@ -142,18 +143,47 @@ def transform(x: np.ndarray, features: Sequence[str]) -> np.ndarray:
     return np.stack([FEATURES[name](x1, x2) for name in features], axis=1).astype(np.float32)
 
 
-def split_indices(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    y: np.ndarray, val_fraction: float, seed: int, *, stratify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Which rows are training and which validation, as `nbtrain.data.prepare` splits them.
 
     The same call with the same arguments (scikit-learn's split depends only on the number
     of rows, the labels and the seed), so the raw points can be drawn where the engine put
-    them; a test checks the two agree.
+    them; a test checks the two agree. A regression's split is not stratified.
     """
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(y))
-    train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=y)
+    train, val = train_test_split(
+        index, test_size=val_fraction, random_state=seed, stratify=y if stratify else None
+    )
     return train, val
+
+
+def _forward_at_boundary(
+    experiment: Experiment, inputs: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[np.ndarray, int, float]:
+    """`output(model(inputs))` as numpy, the step it is of, and the seconds it took.
+
+    One batched forward pass at a step boundary (`Experiment.at_boundary`), in eval mode
+    and without gradients: it never reads a model halfway through an update, and
+    dropout or batch norm in train mode do not make the picture flicker.
+    """
+
+    def forward() -> tuple[np.ndarray, int, float]:
+        started = time.perf_counter()
+        model = experiment.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                values = output(model(inputs.to(experiment.device))).cpu().numpy()
+        finally:
+            model.train(was_training)
+        return values, experiment.step_count, time.perf_counter() - started
+
+    return experiment.at_boundary(forward)
 
 
 @dataclasses.dataclass
@@ -180,7 +210,42 @@ def grid_axes(x: np.ndarray, resolution: int, margin: float = 0.1) -> tuple[np.n
     )
 
 
-class Playground:
+class _Bench:
+    """What both playgrounds share: data drawn from a few settings, and the experiment on it.
+
+    A subclass names its data settings in `_DATA_KEYS` (attributes of the same names) and
+    builds data and experiment from a config and them in `_build(config, **data)`, validating
+    everything before it replaces anything.
+    """
+
+    _DATA_KEYS: tuple[str, ...] = ()
+    experiment: Experiment
+
+    def __init__(self) -> None:
+        self._rebuild_callbacks: list[Callable[[Experiment], None]] = []
+
+    def restart(self, **changes: Any) -> Experiment:
+        """A new experiment on new data, or with new settings; returns it.
+
+        `changes` may name the data settings (see the class) and anything `Experiment`
+        takes. The experiment trained so far is stopped and kept in the session's runs.
+        """
+        old = self.experiment
+        args = {k: changes.pop(k, getattr(self, k)) for k in self._DATA_KEYS}
+        config = {**dataclasses.asdict(old.config), **changes}
+        config.pop("val_fraction")
+        old.stop()
+        self._build(config=config, **args)
+        for callback in self._rebuild_callbacks:
+            callback(self.experiment)
+        return self.experiment
+
+    def on_rebuild(self, callback: Callable[[Experiment], None]) -> None:
+        """Call `callback(new_experiment)` after each `restart`."""
+        self._rebuild_callbacks.append(callback)
+
+
+class Playground(_Bench):
     """A 2-D dataset, the input features drawn from it, and the experiment trained on them.
 
     >>> pg = Playground("xor", features=("x1", "x2", "x1*x2"), hidden=(), epochs=1)
@@ -201,6 +266,8 @@ class Playground:
     `on_rebuild` (the panel's) then move to it.
     """
 
+    _DATA_KEYS = ("dataset", "n_samples", "noise", "val_fraction", "features")
+
     def __init__(
         self,
         dataset: str = "circles",
@@ -212,20 +279,19 @@ class Playground:
         resolution: int = 50,
         **config: Any,
     ) -> None:
+        super().__init__()
         self.resolution = _check_int("resolution", resolution, 2)
-        self._rebuild_callbacks: list[Callable[[Experiment], None]] = []
-        self.experiment: Experiment | None = None
         config = {"hidden": (8, 8), "lr": 0.01, "batch_size": 32, "epochs": 60, **config}
-        self._build(dataset, n_samples, noise, val_fraction, features, config)
+        self._build(config, dataset, n_samples, noise, val_fraction, features)
 
     def _build(
         self,
+        config: dict[str, Any],
         dataset: str,
         n_samples: int,
         noise: float,
         val_fraction: float,
         features: Iterable[str],
-        config: dict[str, Any],
     ) -> None:
         # Validate everything before replacing anything: a refused change keeps the old state.
         features = check_features(features)
@@ -242,33 +308,11 @@ class Playground:
         self.axes = grid_axes(x, self.resolution)
         self.experiment = experiment
 
-    def restart(self, **changes: Any) -> Experiment:
-        """A new experiment on new data or features, or with new settings; returns it.
-
-        `changes` may name ``dataset``, ``n_samples``, ``noise``, ``val_fraction``,
-        ``features`` and anything `Experiment` takes. The experiment trained so far is
-        stopped and kept in the session's runs.
-        """
-        old = self.experiment
-        data_keys = ("dataset", "n_samples", "noise", "val_fraction", "features")
-        args = {k: changes.pop(k, getattr(self, k)) for k in data_keys}
-        config = {**dataclasses.asdict(old.config), **changes}
-        config.pop("val_fraction")
-        old.stop()
-        self._build(config=config, **args)
-        for callback in self._rebuild_callbacks:
-            callback(self.experiment)
-        return self.experiment
-
-    def on_rebuild(self, callback: Callable[[Experiment], None]) -> None:
-        """Call `callback(new_experiment)` after each `restart`."""
-        self._rebuild_callbacks.append(callback)
-
     def features_of(self, points: np.ndarray) -> torch.Tensor:
         """Raw 2-D points as the model sees them: features, then the training statistics."""
         data = self.experiment.data
         columns = torch.from_numpy(transform(points, self.features))
-        return (columns - data.mean) / data.std
+        return (columns - data.mean.cpu()) / data.std.cpu()
 
     def grid_points(self) -> np.ndarray:
         """Every grid point in raw coordinates, row by row along x2 (shape (r*r, 2))."""
@@ -276,27 +320,10 @@ class Playground:
         return np.stack([g1.ravel(), g2.ravel()], axis=1)
 
     def _probabilities(self, inputs: torch.Tensor) -> tuple[np.ndarray, int, float]:
-        """Class-1 probabilities of `inputs`, the step they are of, and the seconds taken.
-
-        One batched forward pass at a step boundary (`Experiment.at_boundary`), in eval mode
-        and without gradients: it never reads a model halfway through an update, and
-        dropout or batch norm in train mode do not make the picture flicker.
-        """
-        experiment = self.experiment
-
-        def forward() -> tuple[np.ndarray, int, float]:
-            started = time.perf_counter()
-            model = experiment.model
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    prob = torch.softmax(model(inputs), dim=1)[:, 1].numpy()
-            finally:
-                model.train(was_training)
-            return prob, experiment.step_count, time.perf_counter() - started
-
-        return experiment.at_boundary(forward)
+        """Class-1 probabilities of `inputs`, the step they are of, and the seconds taken."""
+        return _forward_at_boundary(
+            self.experiment, inputs, lambda logits: torch.softmax(logits, dim=1)[:, 1]
+        )
 
     def grid(self) -> Grid:
         """The class-1 probability over the grid covering the data."""
@@ -312,4 +339,101 @@ class Playground:
         return (
             f"Playground({self.dataset}, {self.n_samples} points, noise {self.noise:g}, "
             f"features {', '.join(self.features)})"
+        )
+
+
+@dataclasses.dataclass
+class Curve:
+    """A regression model's prediction at increasing inputs `x`, in the targets' units."""
+
+    x: np.ndarray
+    y: np.ndarray
+    step: int
+    seconds: float  # the forward pass and its transfer, for the cost per update
+
+
+class RegressionPlayground(_Bench):
+    """A noisy sine, the MLP a regression `Experiment` fits to it, and the fitted curve.
+
+    The underfitting and overfitting lessons: no hidden layer (``hidden=()``, a straight
+    line) cannot bend to the sine; a few layers fit it to within the noise; a wide network
+    on a handful of noisy points passes through them and swings between them, its training
+    loss far below its validation loss.
+
+    >>> pg = RegressionPlayground(n_samples=40, hidden=(16,), epochs=1)
+    >>> pg.experiment.task, pg.curve().y.shape
+    ('regression', (200,))
+
+    Parameters:
+        n_samples, noise: see `make_sine` (x in [-pi, pi], y = sin(x) + noise).
+        val_fraction: the share of points held out for validation (a random split).
+        resolution: points of x at which the curve is drawn.
+        **config: anything `Experiment` takes (``hidden`` sets the width and depth, ``lr``,
+            ``seed``...); the seed also draws the data. The loss is the mean squared error.
+
+    Changing the size, the noise or the split (`restart`) builds a new experiment with the
+    current experiment's settings, as `Playground` does; so does a change of ``hidden``.
+    """
+
+    _DATA_KEYS = ("n_samples", "noise", "val_fraction")
+    dataset = "sine"
+
+    def __init__(
+        self,
+        *,
+        n_samples: int = 100,
+        noise: float = 0.2,
+        val_fraction: float = 0.3,
+        resolution: int = 200,
+        **config: Any,
+    ) -> None:
+        super().__init__()
+        self.resolution = _check_int("resolution", resolution, 2)
+        config = {"hidden": (32, 32), "lr": 0.01, "batch_size": 32, "epochs": 100, **config}
+        self._build(config, n_samples, noise, val_fraction)
+
+    def _build(
+        self, config: dict[str, Any], n_samples: int, noise: float, val_fraction: float
+    ) -> None:
+        # Validate everything before replacing anything: a refused change keeps the old state.
+        x, y = make_sine(n_samples, noise, config.get("seed", 0))
+        experiment = Experiment(
+            data=(x, y), task="regression", val_fraction=val_fraction, **config
+        )
+        cfg = experiment.config
+        train, val = split_indices(y, cfg.val_fraction, cfg.seed, stratify=False)
+        self.n_samples, self.noise, self.val_fraction = n_samples, noise, val_fraction
+        self.x, self.y = x, y
+        self.train_index, self.val_index = train, val
+        # The curve covers the data with a margin, so the extrapolation shows too.
+        low, high = float(x.min()), float(x.max())
+        pad = 0.1 * (high - low)
+        self.curve_x = np.linspace(low - pad, high + pad, self.resolution, dtype=np.float32)
+        self.experiment = experiment
+
+    def features_of(self, points: np.ndarray) -> torch.Tensor:
+        """Raw inputs x (shape (n,) or (n, 1)) as the model sees them: standardized with the
+        training statistics, as the engine standardized the data."""
+        data = self.experiment.data
+        column = torch.from_numpy(np.asarray(points, dtype=np.float32).reshape(-1, 1))
+        return (column - data.mean.cpu()) / data.std.cpu()
+
+    def _predictions(self, inputs: torch.Tensor) -> tuple[np.ndarray, int, float]:
+        # The targets are not standardized (nbtrain.data.prepare), so the model's output is
+        # already in their units.
+        return _forward_at_boundary(self.experiment, inputs, lambda out: out[:, 0])
+
+    def curve(self) -> Curve:
+        """The model's prediction over `curve_x`: one batched forward pass, between steps."""
+        y, step, seconds = self._predictions(self.features_of(self.curve_x))
+        return Curve(self.curve_x, y, step, seconds)
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        """The model's prediction at raw inputs x (shape (n,) or (n, 1)), shape (n,)."""
+        return self._predictions(self.features_of(points))[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"RegressionPlayground(sine, {self.n_samples} points, noise {self.noise:g}, "
+            f"hidden {self.experiment.config.hidden})"
         )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbtrain import Experiment, Playground
+from nbtrain import Experiment, Playground, RegressionPlayground
 from nbtrain.playground import DATASETS, FEATURES, make_dataset, make_sine, transform
 
 
@@ -174,3 +174,101 @@ def test_a_playground_takes_experiment_settings_and_checks_them():
         Playground("moons", lr=-1)
     with pytest.raises(ValueError, match=r"resolution must be an integer of at least 2, got 1"):
         Playground("moons", resolution=1)
+
+
+# Regression: the noisy sine
+
+
+def test_a_regression_playground_is_split_and_standardized_as_the_engine_did_it():
+    pg = RegressionPlayground(n_samples=50, noise=0.1, val_fraction=0.4, seed=3, epochs=1)
+    exp = pg.experiment
+    assert exp.task == "regression" and isinstance(exp.loss_fn, torch.nn.MSELoss)
+    assert len(pg.train_index) == 30 and len(pg.val_index) == 20
+    torch.testing.assert_close(pg.features_of(pg.x[pg.train_index]), exp.data.x_train)
+    torch.testing.assert_close(pg.features_of(pg.x[pg.val_index]), exp.data.x_val)
+    # The targets stay in their own units (one column, as the built-in MLP outputs).
+    np.testing.assert_array_equal(exp.data.y_val.numpy()[:, 0], pg.y[pg.val_index])
+    np.testing.assert_array_equal(exp.data.y_train.numpy()[:, 0], pg.y[pg.train_index])
+
+
+def test_the_curve_is_the_models_output_at_those_inputs():
+    pg = RegressionPlayground(n_samples=40, hidden=(), resolution=11, epochs=3, seed=1)
+    pg.experiment.run()
+    curve = pg.curve()
+    assert curve.step == pg.experiment.step_count > 0
+    assert np.all(np.diff(curve.x) > 0) and len(curve.x) == len(curve.y) == 11
+    assert curve.x[0] < pg.x.min() and curve.x[-1] > pg.x.max()  # a margin either side
+
+    # By hand: the training mean and std of x from the raw points, then the linear layer.
+    head = pg.experiment.model.head
+    w, b = head.weight.item(), head.bias.item()
+    train_x = pg.x[pg.train_index, 0].astype(np.float64)
+    z = (curve.x - train_x.mean()) / train_x.std()
+    np.testing.assert_allclose(curve.y, w * z + b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pg.predict(curve.x[[2, 7]]), curve.y[[2, 7]], rtol=1e-6)
+
+
+def test_the_curve_of_a_deep_net_in_train_mode_is_its_eval_output():
+    pg = RegressionPlayground(hidden=(16, 16), dropout=0.5, batchnorm=True, resolution=9)
+    pg.experiment.run(epochs=2)
+    model = pg.experiment.model
+    model.train()
+    curve = pg.curve()
+    assert model.training is True  # put back as it was
+    model.eval()
+    with torch.no_grad():
+        inputs = torch.from_numpy(curve.x[:, None]) - pg.experiment.data.mean
+        expected = model(inputs / pg.experiment.data.std)[:, 0].numpy()
+    np.testing.assert_allclose(curve.y, expected, rtol=1e-6)
+
+
+def _mse(pg: RegressionPlayground, index: np.ndarray) -> float:
+    """Mean squared error at the raw points `index`, by the curve's own route (predict)."""
+    return float(np.mean((pg.predict(pg.x[index]) - pg.y[index]) ** 2))
+
+
+def test_a_network_with_hidden_layers_fits_the_sine_and_a_line_does_not():
+    results = {}
+    for hidden in [(), (32, 32)]:
+        pg = RegressionPlayground(n_samples=200, noise=0.2, hidden=hidden, epochs=60, seed=0)
+        history = pg.experiment.run()
+        val_mse = history.last("val_loss")
+        assert val_mse == pytest.approx(_mse(pg, pg.val_index), rel=1e-4)
+        results[hidden] = (history.last("train_loss", "eval"), val_mse)
+    variance = float(np.var(pg.y[pg.val_index]))  # what predicting the mean would score
+    assert results[(32, 32)][1] < 0.2 * variance
+    assert results[(32, 32)][1] < 2 * 0.2**2  # within about the noise's own variance
+    # The line underfits: the training points are missed as badly as the validation ones.
+    assert min(results[()]) > 0.35 * variance
+
+
+def test_a_wide_network_on_few_noisy_points_overfits():
+    # 10 training points, 30 held out: the network passes near every training point.
+    pg = RegressionPlayground(
+        n_samples=40, noise=0.3, val_fraction=0.75, hidden=(256, 256), epochs=300, seed=0
+    )
+    history = pg.experiment.run()
+    train_mse, val_mse = history.last("train_loss", "eval"), history.last("val_loss")
+    assert len(pg.train_index) == 10
+    assert train_mse == pytest.approx(_mse(pg, pg.train_index), rel=1e-4)
+    assert train_mse < 0.5 * 0.3**2  # below the noise: it learned the noise too
+    assert val_mse > 3 * train_mse
+
+
+def test_a_regression_restart_keeps_the_settings_and_refuses_bad_values():
+    pg = RegressionPlayground(n_samples=30, hidden=(8,), lr=0.02, epochs=1)
+    first = pg.experiment
+    pg.restart(noise=0.5, hidden=(4, 4))
+    assert pg.experiment is not first and pg.noise == 0.5 and pg.n_samples == 30
+    assert pg.experiment.config.hidden == (4, 4) and pg.experiment.config.lr == 0.02
+    residual = pg.y - np.sin(pg.x[:, 0])
+    assert residual.std() > 0.3  # the new data carry the new noise
+    with pytest.raises(ValueError, match=r"noise must be a number in \[0, 1\], got 1.5"):
+        pg.restart(noise=1.5)
+    with pytest.raises(ValueError, match=r"n_samples must be an integer of at least 2, got 1"):
+        pg.restart(n_samples=1)
+    assert pg.noise == 0.5 and pg.experiment.config.hidden == (4, 4)  # refused: unchanged
+    with pytest.raises(ValueError, match=r"resolution must be an integer of at least 2, got 0"):
+        RegressionPlayground(resolution=0)
+    with pytest.raises(ValueError, match=r"val_fraction must be a number in \(0, 1\), got 1.5"):
+        RegressionPlayground(val_fraction=1.5)

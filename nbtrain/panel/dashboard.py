@@ -218,7 +218,10 @@ class Dashboard(w.VBox):
         self.loss = LossFigure()
         self.accuracy = AccuracyFigure()
         if "accuracy" in self.reasons:
+            # Note: bqplot still lays out a hidden figure, at size 0; with its margins that is
+            # a negative plot area, which the browser logs as an error, so they go to 0 too.
             self.accuracy.figure.layout.display = "none"
+            self.accuracy.figure.fig_margin = {"top": 0, "bottom": 0, "left": 0, "right": 0}
         self.notice = w.HTML()
         self._layer_status = self._report_layers()
         self.gradients = GradientFigures(experiment.probe.layer_names, self._layer_status)

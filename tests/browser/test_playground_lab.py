@@ -63,3 +63,49 @@ def test_the_boundary_moves_while_training_and_a_feature_switch_rebuilds(
         assert console.errors == [], console.errors
     finally:
         page.close()
+
+
+CURVE_NOTEBOOK = "playground_curve.ipynb"
+CURVE_CELLS = [
+    "import time\n"
+    "import torch\n"
+    "import nbtrain\n\n"
+    "torch.set_num_threads(1)\n"
+    "reg = nbtrain.RegressionPlayground(n_samples=40, noise=0.3, hidden=(64, 64), epochs=2000)\n"
+    "reg.experiment.on('step_completed', lambda exp, _: time.sleep(0.01))\n"
+    "panel = nbtrain.PlaygroundPanel(reg)\n"
+    "panel",
+]
+
+
+def curve_step(lab) -> int | None:
+    text = " ".join(lab.page.locator(".nbtrain-curve svg text").all_text_contents())
+    found = re.search(r"Fitted curve at step (\d+)", text)
+    return int(found.group(1)) if found else None
+
+
+def test_the_fitted_curve_moves_while_a_regression_trains(server, context, artifacts):
+    labdriver.write_notebook(server.notebooks / CURVE_NOTEBOOK, CURVE_CELLS)
+    page = context.new_page()
+    console = labdriver.Console()
+    console.attach(page)
+    lab = labdriver.NotebookPage(page, server, CURVE_NOTEBOOK).open()
+    try:
+        lab.run_cell(0)
+        lab.wait_for_panel()
+        curve = page.locator(".nbtrain-curve")
+        curve.wait_for(timeout=30_000)
+        assert curve_step(lab) == 0
+        assert curve.locator("svg .dot").count() == 40  # training and validation points
+        line = curve.locator("svg path.line").first
+        drawn = line.get_attribute("d")
+
+        lab.button("Start").click()
+        lab.wait_for_status("running")
+        first = lab.wait_until(lambda: (curve_step(lab) or 0) > 0, 30, "the curve moves")
+        lab.wait_until(lambda: curve_step(lab) > first, 30, "the curve moves again")
+        assert line.get_attribute("d") != drawn
+        lab.screenshot(artifacts / "playground-03-curve.png")
+        assert console.errors == [], console.errors
+    finally:
+        page.close()
