@@ -9,11 +9,12 @@ Every variant trains the same model on the same data for the same steps from the
 evaluating on the full sets once per epoch as the engine does: (a) a bare PyTorch loop, the
 limit; (b) `Experiment.run()` headless; (c) the same with a `Dashboard` attached and updating;
 (d) livelossplot's PyTorch path (`PlotLosses`, updated and drawn once per epoch), if installed.
-Variants run interleaved, in a shuffled order, `--reps` times; each is reported by its best
-repetition (interference from other jobs only ever adds time), as a ratio to the bare loop's
-best. Time is the process's CPU time (all its threads, the panel's included), which a
-neighbour's load on a shared machine moves far less than wall-clock time; comm message rates
-are per wall-clock second.
+Variants run interleaved, in a shuffled order, `--reps` times; each is reported as the median,
+over the repetitions, of its time divided by the bare loop's in the same repetition (a paired
+ratio: the machine's speed drifts by more than the overheads measured here, and runs a second
+apart see the same machine), and by its steps per second in its fastest repetition. Time is
+the process's CPU time (all its threads, the panel's included), which a neighbour's load on a
+shared machine moves far less than wall-clock time; comm message rates are per wall-clock second.
 
 Without a kernel, ipywidgets 8 opens each widget's comm with the `comm` package's default,
 a `DummyComm` that serializes every update and drops it. Here a subclass records each message
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -140,8 +142,13 @@ def engine(
     case: Case, panel: bool, probe: bool = True
 ) -> tuple[float, int, float, dict[str, Any]]:
     exp = Experiment(case.data, epochs=case.epochs, **case.config)
-    if not probe:  # diagnostic only: what the per-step gradient statistics cost
-        exp.probe.measure_raw = lambda out=None: out.fill_(float("nan"))
+    if not probe:  # diagnostic only: the CPU statistics' arithmetic replaced by a fill
+
+        def fill(grads: list[torch.Tensor], row: np.ndarray) -> None:
+            row.fill(1.0)
+            exp.probe._host_health = 1.0
+
+        exp.probe._measure_on_cpu = fill
     dash = Dashboard(exp) if panel else None
     sizes: list[int] = []
     busy: list[float] = []
@@ -189,6 +196,7 @@ def measure_case(case: Case, reps: int, rng: random.Random, with_lll: bool) -> d
         for variant in variants:
             if variant == "livelossplot" and rep >= 2:
                 continue  # far slower than the rest, and no target: two repetitions suffice
+            gc.collect()  # the last variant's garbage is not this one's cost
             if variant == "bare":
                 elapsed, steps, loss = bare_loop(case)
             elif variant == "livelossplot":
@@ -203,9 +211,12 @@ def measure_case(case: Case, reps: int, rng: random.Random, with_lll: bool) -> d
             times[variant].append(elapsed)
             final_loss[variant] = loss
             time.sleep(0.05)  # let a closed panel's thread finish outside the next timing
-    # Best of the repetitions (timeit's convention): interference only ever adds time.
-    ratios = {v: min(times[v]) / min(times["bare"]) for v in times}
-    ratios["panel / engine"] = min(times["panel"]) / min(times["engine"])
+
+    def paired(variant: str, base: str = "bare") -> float:
+        return statistics.median(t / b for t, b in zip(times[variant], times[base]))
+
+    ratios = {v: paired(v) for v in times}
+    ratios["panel / engine"] = paired("panel", "engine")
     rates = {v: steps / min(times[v]) for v in times}
     return {
         "ratios": ratios,
@@ -338,7 +349,7 @@ def measure_pace(speed: float, steps: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=5, help="repetitions of each variant")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions of each variant")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the epochs")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the engine's deterministic setting; also fair on a shared box
@@ -362,7 +373,7 @@ def main() -> int:
         results.append((case, r))
 
     print(
-        f"\nOverhead against a bare PyTorch loop (best of {args.reps} interleaved "
+        f"\nOverhead against a bare PyTorch loop (median of {args.reps} interleaved, paired "
         f"repetitions, CPU time, torch threads = 1)\n"
     )
     header = "| case | steps | variant | time / bare | steps/s |"

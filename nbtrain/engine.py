@@ -255,6 +255,7 @@ class Experiment:
         self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
         self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._host_rows: np.ndarray | None = None  # the buffer's memory, when on the CPU
+        self._host_views: list[np.ndarray] = []
         self._row_meta: list[tuple[int, int, float]] = []  # (step, epoch, lr) per buffered row
         self._flushed_at = time.perf_counter()
         self._next_step_at = 0.0  # the pace's clock (see `speed`)
@@ -1067,20 +1068,22 @@ class Experiment:
         if self._rows is None:
             self._rows = torch.empty(ROW_BUFFER, 1 + self.probe.raw_width, device=loss.device)
             self._row_views = [(row[0], row[1:]) for row in self._rows]  # no indexing per step
-            self._host_rows = self._rows.numpy() if self._rows.device.type == "cpu" else None
+            if self._rows.device.type == "cpu":
+                self._host_rows = self._rows.numpy()
+                self._host_views = list(self._host_rows[:, 1:])
         slot = len(self._row_meta)
-        loss_slot, raw_slot = self._row_views[slot]
-        raw = self.probe.measure_raw(out=raw_slot)
+        loss_slot, raw = self._row_views[slot]
 
         # Decide the step: a NaN or inf anywhere shows in the loss or in the sum of the
         # gradient norms. Note: on a GPU this is one host transfer of two numbers a step: a
         # non-finite step must be refused before the optimizer applies it, and the batched
         # rows reach the host too late for that. On the CPU the row is host memory already,
-        # read with numpy: a torch call costs more than the arithmetic on a small model.
-        if self.probe.on_host and self._host_rows is not None:
-            loss_value, health = loss.item(), self.probe.host_health(raw)
+        # written and read with numpy: there a torch call costs more than the arithmetic.
+        if self._host_rows is not None and self.probe.measure_host(self._host_views[slot]):
+            loss_value, health = loss.item(), self.probe.host_health()
             self._host_rows[slot, 0] = loss_value
         else:
+            raw = self.probe.measure_raw(out=raw)
             loss_slot.copy_(loss.detach())
             pair = torch.stack([loss.detach().float(), self.probe.health(raw)])
             loss_value, health = pair.tolist()
@@ -1115,7 +1118,8 @@ class Experiment:
         if refused:
             self._enter_diverged()
             self._diagnose()  # the detectors see the non-finite row at once
-        self._emit("step_completed")
+        if self._observers.get("step_completed"):
+            self._emit("step_completed")
         if self._pause_requested:
             with self._cond:
                 self._cond.notify_all()  # step() is waiting for this step

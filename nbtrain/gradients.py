@@ -61,8 +61,10 @@ class GradientProbe:
         self._square = np.empty(sum(sizes), dtype=np.float32)
         self._member_np = self._member.numpy()
         self._numel_np = self._numel.numpy()
-        self._missing: list[bool] = [False] * n
+        self._none_missing = [False] * n
+        self._missing: list[bool] = self._none_missing
         self.on_host = False  # the last row was measured on the CPU, all gradients present
+        self._host_health = math.nan
 
     def measure_raw(
         self,
@@ -80,19 +82,12 @@ class GradientProbe:
         else:
             grads = [grads_by_id.get(id(p)) for p in self._in_layers]
             other = [grads_by_id.get(id(p)) for p in self._other_params]
-        self._missing = [g is None for g in grads]  # for health(): NaN there means "none"
-        self.on_host = False
-        if True not in self._missing and all(g is None for g in other):
-            host = (
-                grads
-                and all(g.is_cpu and g.dtype is torch.float32 for g in grads)
-                and (out is None or (out.is_cpu and out.dtype is torch.float32))
-            )
-            if host:
-                row = torch.empty(self.raw_width) if out is None else out
-                self._measure_on_cpu(grads, row.numpy())
-                self.on_host = True
+        if out is None or (out.is_cpu and out.dtype is torch.float32):
+            row = torch.empty(self.raw_width) if out is None else out
+            if self._measure_host(grads, other, row.numpy()):
                 return row
+        self._missing = [g is None for g in grads]  # for health(): NaN there means "none"
+        if True not in self._missing and all(g is None for g in other):
             parts = [*torch._foreach_norm(grads, 2), *torch._foreach_norm(grads, 1)]
             parts += torch._foreach_norm(grads, math.inf)
             zeros = [torch.zeros((), device=grads[0].device)] * len(other) if other else []
@@ -120,18 +115,46 @@ class GradientProbe:
             return out
         return row
 
-    def _measure_on_cpu(self, grads: list[torch.Tensor], row: np.ndarray) -> None:
+    def measure_host(self, row: np.ndarray) -> bool:
+        """`measure_raw` of the parameters' ``.grad`` into `row`, a float32 numpy array,
+        for gradients in host memory; True when done, and `host_health()` is then the
+        step's `health`.
+
+        False, with nothing written, unless every layer parameter has a gradient numpy can
+        read (on the CPU, not bfloat16) and no other parameter has one: use `measure_raw`.
+        """
+        grads = [p.grad for p in self._in_layers]
+        other = [p.grad for p in self._other_params] if self._other_params else []
+        return self._measure_host(grads, other, row)
+
+    def _measure_host(
+        self, grads: list[torch.Tensor | None], other: list[torch.Tensor | None], row: np.ndarray
+    ) -> bool:
+        self.on_host = False
+        if not grads or any(g is not None for g in other):
+            return False
+        try:
+            arrays = [g.numpy() for g in grads]  # type: ignore[union-attr]
+        except (AttributeError, TypeError, RuntimeError):  # None, on a device, or bfloat16
+            return False
+        self._missing = self._none_missing
+        self._measure_on_cpu(arrays, row)
+        self.on_host = True
+        return True
+
+    def _measure_on_cpu(self, arrays: list[np.ndarray], row: np.ndarray) -> None:
         # Every call here is a numpy call into memory made once: on a small model each step's
         # cost is the calls, not the arithmetic (benchmarks/bench_overhead.py).
-        n = len(grads)
+        n = len(arrays)
         magnitude, square = self._magnitude, self._square
-        np.concatenate([g.numpy() for g in grads], axis=None, out=magnitude)
+        np.concatenate(arrays, axis=None, out=magnitude)
         np.abs(magnitude, out=magnitude)
         # Note: an exploding gradient's squares overflow float32 to inf, which is then its norm.
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(magnitude, magnitude, out=square)
             np.add.reduceat(square, self._offsets, out=row[:n])
         np.sqrt(row[:n], out=row[:n])
+        self._host_health = float(np.add.reduce(row[:n]))
         np.add.reduceat(magnitude, self._offsets, out=row[n : 2 * n])
         np.maximum.reduceat(magnitude, self._offsets, out=row[2 * n : 3 * n])
         row[3 * n :] = 0.0
@@ -145,11 +168,11 @@ class GradientProbe:
             l2 = l2[torch.tensor([not m for m in self._missing], device=raw.device)]
         return l2.sum() + raw[3 * n :].sum()
 
-    def host_health(self, raw: torch.Tensor) -> float:
-        """`health` as a float, read from a row that `measure_raw` wrote on the host
-        (`on_host`): a numpy sum, with no torch call and no transfer."""
-        assert self.on_host, "host_health() reads a row measured on the CPU"
-        return float(raw.numpy()[: len(self._in_layers)].sum())
+    def host_health(self) -> float:
+        """`health` of the row `measure_raw` last wrote on the host (`on_host`), as a float:
+        summed as the row was written, with no torch call and no transfer."""
+        assert self.on_host, "host_health() is for a row measured on the CPU"
+        return self._host_health
 
     def total_norm(self, raw: torch.Tensor) -> torch.Tensor:
         """The whole model's gradient L2 norm from one raw row (for clipping)."""
@@ -178,7 +201,9 @@ class GradientProbe:
             total = np.sqrt(square.sum(axis=1) + (other**2).sum(axis=1))
         no_grad = ~present.any(axis=1) & (other.sum(axis=1) == 0)
         total = np.where(no_grad, np.nan, total)
-        out = np.concatenate([total[:, None], norms + missing, means + missing, maxes + missing], 1)
+        out = np.concatenate(
+            [total[:, None], norms + missing, means + missing, maxes + missing], 1
+        )
         return torch.from_numpy(out.astype(np.float32, copy=False))
 
     def measure(self) -> torch.Tensor:

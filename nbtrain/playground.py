@@ -234,8 +234,8 @@ class _Bench:
         args = {k: changes.pop(k, getattr(self, k)) for k in self._DATA_KEYS}
         config = {**dataclasses.asdict(old.config), **changes}
         config.pop("val_fraction")
+        self._build(config=config, **args)  # a refused change raises here: the old run goes on
         old.stop()
-        self._build(config=config, **args)
         for callback in self._rebuild_callbacks:
             callback(self.experiment)
         return self.experiment

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -272,3 +273,20 @@ def test_a_regression_restart_keeps_the_settings_and_refuses_bad_values():
         RegressionPlayground(resolution=0)
     with pytest.raises(ValueError, match=r"val_fraction must be a number in \(0, 1\), got 1.5"):
         RegressionPlayground(val_fraction=1.5)
+
+
+def test_a_refused_restart_leaves_the_running_experiment_training():
+    pg = Playground("xor", n_samples=60, hidden=(4,), epochs=10_000)
+    running = pg.experiment
+    running.start()
+    try:
+        with pytest.raises(ValueError, match=r"noise must be a number in \[0, 1\], got 2"):
+            pg.restart(noise=2)
+        assert pg.experiment is running and running.state == "running"
+        before = running.step_count
+        deadline = time.monotonic() + 10
+        while running.step_count <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.step_count > before  # still training, not stopped by the refusal
+    finally:
+        running.stop()
