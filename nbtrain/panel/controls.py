@@ -28,6 +28,29 @@ def log_bounds(value: float, low: int, high: int) -> tuple[int, int]:
     return min(low, math.floor(exponent)), max(high, math.ceil(exponent))
 
 
+def lr_slider(value: float) -> w.FloatLogSlider:
+    """The learning-rate slider: 1e-5 to 1 on a log scale, widened to hold `value`."""
+    low, high = log_bounds(value, -5, 0)
+    return w.FloatLogSlider(
+        value=value,
+        base=10,
+        min=low,
+        max=high,
+        step=0.25,
+        description="lr",
+        continuous_update=False,
+        readout_format=".1e",
+    )
+
+
+def show_on_log_slider(slider: w.FloatLogSlider, value: float) -> None:
+    """Put `value` on `slider`, widening its range first: a log slider clamps what is
+    outside it, and a clamped value would be sent back as a change nobody asked for."""
+    low, high = log_bounds(value, int(slider.min), int(slider.max))
+    slider.min, slider.max = min(slider.min, low), max(slider.max, high)
+    slider.value = value
+
+
 def _row(label: str, *children: w.Widget) -> w.HBox:
     return w.HBox([w.Label(label, layout=LABEL), *children], layout=w.Layout(align_items="center"))
 

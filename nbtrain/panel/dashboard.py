@@ -24,7 +24,7 @@ from ..config import LIVE_KEYS
 from ..engine import WAITING, Experiment
 from ..external import Watcher
 from ..optim import OWNS_LR
-from .controls import MoreControls, log_bounds
+from .controls import MoreControls, log_bounds, lr_slider, show_on_log_slider
 from .diagnosis import DiagnosisArea
 from .inspect import InitInspector, InternalsView
 from .plots import AccuracyFigure, GradientFigures, LossFigure, View
@@ -146,17 +146,7 @@ class Dashboard(w.VBox):
             continuous_update=False,
             readout_format=".2g",
         )
-        lr_low, lr_high = log_bounds(cfg.lr, -5, 0)
-        self.lr_slider = w.FloatLogSlider(
-            value=cfg.lr,
-            base=10,
-            min=lr_low,
-            max=lr_high,
-            step=0.25,
-            description="lr",
-            continuous_update=False,
-            readout_format=".1e",
-        )
+        self.lr_slider = lr_slider(cfg.lr)
         # Pace (a lecture's slow motion): changes how fast the run goes, never its results.
         self.speed_toggle = w.ToggleButton(
             value=cfg.speed is not None,
@@ -471,9 +461,9 @@ class Dashboard(w.VBox):
         self.dropout_toggle.value = live["dropout"] > 0
         self.batchnorm_toggle.value = live["batchnorm"]
         if live["clip"] is not None:
-            self.clip_norm.value = live["clip"]
+            show_on_log_slider(self.clip_norm, live["clip"])
         self.clip_toggle.value = live["clip"] is not None
-        self.lr_slider.value = live["lr"]
+        show_on_log_slider(self.lr_slider, live["lr"])
 
     # Display (any thread, serialized by the lock)
 

@@ -13,6 +13,7 @@ quarter of it, and the per-layer norm lines share half of it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import bqplot as bq
 import numpy as np
@@ -131,6 +132,21 @@ class View:
         if name not in self.history.names("eval"):
             return np.zeros(0, dtype=np.int32), np.zeros(0)
         return self.history.series(name, "eval")
+
+
+def _eval_line(scales: dict[str, Any], color: str, label: str) -> bq.Lines:
+    """A line of per-evaluation values, each a dot: there are few of them, far apart."""
+    return bq.Lines(
+        x=[],
+        y=[],
+        scales=scales,
+        colors=[color],
+        labels=[label],
+        marker="circle",
+        marker_size=16,
+        display_legend=True,
+        stroke_width=2,
+    )
 
 
 def _figure(
@@ -344,17 +360,7 @@ class LossFigure(_MarkedFigure):
             display_legend=True,
             stroke_width=2,
         )
-        self.val = bq.Lines(
-            x=[],
-            y=[],
-            scales=scales,
-            colors=[VAL],
-            labels=["validation"],
-            marker="circle",
-            marker_size=16,
-            display_legend=True,
-            stroke_width=2,
-        )
+        self.val = _eval_line(scales, VAL, "validation")
         axes = [
             bq.Axis(scale=self.x_scale, label="step"),
             bq.Axis(scale=y, side="left", label="loss", tick_format=".2f"),
@@ -391,28 +397,8 @@ class AccuracyFigure(_MarkedFigure):
         super().__init__()
         y = bq.LinearScale(min=0, max=1)
         scales = {"x": self.x_scale, "y": y}
-        self.train = bq.Lines(
-            x=[],
-            y=[],
-            scales=scales,
-            colors=[TRAIN],
-            labels=["train"],
-            marker="circle",
-            marker_size=16,
-            display_legend=True,
-            stroke_width=2,
-        )
-        self.val = bq.Lines(
-            x=[],
-            y=[],
-            scales=scales,
-            colors=[VAL],
-            labels=["validation"],
-            marker="circle",
-            marker_size=16,
-            display_legend=True,
-            stroke_width=2,
-        )
+        self.train = _eval_line(scales, TRAIN, "train")
+        self.val = _eval_line(scales, VAL, "validation")
         axes = [
             bq.Axis(scale=self.x_scale, label="step"),
             bq.Axis(scale=y, side="left", label="accuracy", tick_format=".0%"),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as w
 
 from ..runs import Run
+from .controls import lr_slider, show_on_log_slider
 from .plots import OVERLAY_COLORS, decimate, smooth
 
 if TYPE_CHECKING:
@@ -151,15 +152,7 @@ class RunsPanel(w.VBox):
             description="batch norm", indent=False, layout=w.Layout(width="110px")
         )
         self.fork_clip = w.FloatText(description="clip (0 off)", layout=w.Layout(width="170px"))
-        self.fork_lr = w.FloatLogSlider(
-            base=10,
-            min=-5,
-            max=0,
-            step=0.25,
-            description="lr",
-            continuous_update=False,
-            readout_format=".1e",
-        )
+        self.fork_lr = lr_slider(1e-3)
         self.fork_button = w.Button(
             description="Fork here",
             icon="code-branch",
@@ -308,7 +301,7 @@ class RunsPanel(w.VBox):
         self.fork_dropout.value = live["dropout"]
         self.fork_batchnorm.value = live["batchnorm"]
         self.fork_clip.value = live["clip"] or 0.0
-        self.fork_lr.value = live["lr"]
+        show_on_log_slider(self.fork_lr, live["lr"])
 
     def form_changes(self) -> dict[str, Any]:
         """The form's settings that differ from what is in force."""

@@ -179,3 +179,20 @@ def test_fork_here_on_a_running_experiment_trains_both(registry):
         exp.stop()
         dash.experiment.stop()
         dash.close()
+
+
+def test_a_learning_rate_outside_the_sliders_range_is_shown_and_forked_unclamped(registry):
+    exp = Experiment(lr=3.0, clip=250.0, epochs=1)
+    dash = Dashboard(exp)
+    try:
+        assert dash.lr_slider.value == pytest.approx(3.0)
+        assert dash.runs_panel.form_changes() == {}  # not a "change" to the clamped 1.0
+        exp.set(lr=20.0, clip=800.0)
+        exp.step()
+        dash._show_settings(exp.in_force)
+        assert dash.lr_slider.value == pytest.approx(20.0)
+        assert dash.clip_norm.value == pytest.approx(800.0)
+        dash.runs_panel.reset_form()
+        assert dash.runs_panel.form_changes() == {}
+    finally:
+        dash.close()
