@@ -219,10 +219,37 @@ class _Bench:
     """
 
     _DATA_KEYS: tuple[str, ...] = ()
+    _STRATIFY = True  # the engine stratifies a classification's split, not a regression's
     experiment: Experiment
+    y: np.ndarray
 
     def __init__(self) -> None:
         self._rebuild_callbacks: list[Callable[[Experiment], None]] = []
+        self._split: tuple[tuple[int, int, int, float], tuple[np.ndarray, np.ndarray]] | None = (
+            None
+        )
+
+    @property
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of the data that are training and validation, as the engine split them.
+
+        Follows the experiment: a restart with another seed or split from the dashboard
+        re-splits the same points, and the panel redraws them where they went.
+        """
+        cfg = self.experiment.config
+        key = (id(self.experiment), id(self.y), cfg.seed, cfg.val_fraction)
+        if self._split is None or self._split[0] != key:
+            indices = split_indices(self.y, cfg.val_fraction, cfg.seed, stratify=self._STRATIFY)
+            self._split = (key, indices)
+        return self._split[1]
+
+    @property
+    def train_index(self) -> np.ndarray:
+        return self.split[0]
+
+    @property
+    def val_index(self) -> np.ndarray:
+        return self.split[1]
 
     def restart(self, **changes: Any) -> Experiment:
         """A new experiment on new data, or with new settings; returns it.
@@ -300,11 +327,9 @@ class Playground(_Bench):
         experiment = Experiment(
             data=(transform(x, features), y), val_fraction=val_fraction, **config
         )
-        train, val = split_indices(y, experiment.config.val_fraction, experiment.config.seed)
         self.dataset, self.n_samples, self.noise = dataset, n_samples, noise
         self.val_fraction, self.features = val_fraction, features
         self.x, self.y = x, y
-        self.train_index, self.val_index = train, val
         self.axes = grid_axes(x, self.resolution)
         self.experiment = experiment
 
@@ -376,6 +401,7 @@ class RegressionPlayground(_Bench):
     """
 
     _DATA_KEYS = ("n_samples", "noise", "val_fraction")
+    _STRATIFY = False
     dataset = "sine"
 
     def __init__(
@@ -400,11 +426,8 @@ class RegressionPlayground(_Bench):
         experiment = Experiment(
             data=(x, y), task="regression", val_fraction=val_fraction, **config
         )
-        cfg = experiment.config
-        train, val = split_indices(y, cfg.val_fraction, cfg.seed, stratify=False)
         self.n_samples, self.noise, self.val_fraction = n_samples, noise, val_fraction
         self.x, self.y = x, y
-        self.train_index, self.val_index = train, val
         # The curve covers the data with a margin, so the extrapolation shows too.
         low, high = float(x.min()), float(x.max())
         pad = 0.1 * (high - low)

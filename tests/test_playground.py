@@ -290,3 +290,13 @@ def test_a_refused_restart_leaves_the_running_experiment_training():
         assert running.step_count > before  # still training, not stopped by the refusal
     finally:
         running.stop()
+
+
+def test_the_drawn_split_follows_a_restart_of_the_experiment_with_another_seed():
+    pg = Playground("moons", n_samples=80, features=("x1", "x2"), val_fraction=0.25, seed=1)
+    before = pg.val_index.copy()
+    pg.experiment.restart(seed=7)  # the dashboard's Architecture tab does this
+    assert not np.array_equal(np.sort(pg.val_index), np.sort(before))
+    data = pg.experiment.data
+    torch.testing.assert_close(pg.features_of(pg.x[pg.val_index]), data.x_val)
+    assert np.array_equal(pg.y[pg.train_index], data.y_train.numpy())

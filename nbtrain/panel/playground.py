@@ -194,7 +194,7 @@ class PlaygroundPanel(w.VBox):
         self.update_seconds: list[float] = []  # the last updates' cost, forward pass included
         self._lock = threading.RLock()
         self._seen: tuple | None = None
-        self._points_for: Experiment | None = None
+        self._points_for: tuple[np.ndarray, np.ndarray] | None = None
         self._wake = threading.Event()
         self._closed = False
         self._syncing = False
@@ -341,9 +341,10 @@ class PlaygroundPanel(w.VBox):
         with self._lock:
             started = time.perf_counter()
             self._seen = self._fingerprint()
-            if self._points_for is not self.experiment:
+            split = self.playground.split  # a new experiment, or the same re-split
+            if self._points_for is not split:
                 self.view.show_points(self.playground)
-                self._points_for = self.experiment
+                self._points_for = split
             if self.curve is not None:
                 picture: Grid | Curve = self.playground.curve()
                 self.curve.show_curve(picture)

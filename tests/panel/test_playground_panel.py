@@ -188,3 +188,13 @@ def test_regression_controls_are_new_experiments_in_the_same_panel(curve_panel):
 def test_a_panel_refuses_what_is_not_a_playground():
     with pytest.raises(ValueError, match=r"playground must be an nbtrain Playground or "):
         PlaygroundPanel("sine")
+
+
+def test_points_are_redrawn_where_a_restart_with_another_seed_put_them(panel):
+    pg, view = panel
+    view.refresh()
+    before = np.asarray(view.boundary.val.x).copy()
+    pg.experiment.restart(seed=9)
+    view.refresh()
+    np.testing.assert_array_equal(view.boundary.val.x, pg.x[pg.val_index, 0])
+    assert not np.array_equal(np.sort(view.boundary.val.x), np.sort(before))
