@@ -6,11 +6,12 @@ and CI as it does under the panel.
 Counting: ``step`` is the number of training steps completed and ``epoch`` the number of
 epochs completed, both starting at 0; history rows for step N are recorded after the N-th step.
 
-Cost: a step's row (loss and gradient statistics) stays on the device in a small buffer and
-reaches the history in batches: when the buffer is full (`ROW_BUFFER` steps), every
-`FLUSH_SECONDS` at the latest, and at every boundary a reader can observe (an evaluation, a
-pause, a single step, the end of the run). So the history may trail `step_count` by up to
-100 ms while a run goes, and a GPU run pays one host transfer per batch instead of one per step.
+Cost: a step's row (loss and gradient statistics) stays on the device in a small buffer
+(`nbtrain.steprows`) and reaches the history in batches: when the buffer is full, every
+100 ms at the latest, every 50 steps for the detectors, and at every boundary a reader can
+observe (an evaluation, a pause, a single step, the end of the run). So the history may trail
+`step_count` by up to 100 ms while a run goes, and a GPU run pays one host transfer per batch
+of rows, besides the two numbers a step that decide whether the step is applied.
 An observer of "step_completed" is the exception: it may read the history, so with one
 attached every step is flushed before it is called.
 
@@ -32,7 +33,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -59,11 +59,9 @@ from .sources import (
     split_batch,
     weight_decay_style,
 )
+from .steprows import StepRows
 
 log = logging.getLogger(__name__)
-
-ROW_BUFFER = 256  # steps whose rows wait on the device before reaching the history
-FLUSH_SECONDS = 0.1  # the longest a finished step waits before it is in the history
 
 State = Literal["idle", "running", "paused", "diverged", "finished", "stopped", "failed"]
 
@@ -251,13 +249,8 @@ class Experiment:
         # a step refused as non-finite leaves no trace in them either.
         self._buffers = [b for b in self.model.buffers()]
         self._saved_buffers = [b.clone() for b in self._buffers]
-        self._step_columns = ["train_loss", "lr", *self.probe.columns]
-        self._rows: torch.Tensor | None = None  # the device buffer; made at the first step
-        self._row_views: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._host_rows: np.ndarray | None = None  # the buffer's memory, when on the CPU
-        self._host_views: list[np.ndarray] = []
-        self._row_meta: list[tuple[int, int, float]] = []  # (step, epoch, lr) per buffered row
-        self._flushed_at = time.perf_counter()
+        self._steps = StepRows(self.probe)
+        self._step_columns = self._steps.columns
         self._next_step_at = 0.0  # the pace's clock (see `speed`)
         self._rng_state = torch.get_rng_state()  # dropout's draws continue across start/stop
         self._order = torch.Generator().manual_seed(cfg.seed)  # shuffling only
@@ -1065,28 +1058,10 @@ class Experiment:
         objective.backward()
 
         # Measure before clipping (the plots show what the network produced), on the device.
-        if self._rows is None:
-            self._rows = torch.empty(ROW_BUFFER, 1 + self.probe.raw_width, device=loss.device)
-            self._row_views = [(row[0], row[1:]) for row in self._rows]  # no indexing per step
-            if self._rows.device.type == "cpu":
-                self._host_rows = self._rows.numpy()
-                self._host_views = list(self._host_rows[:, 1:])
-        slot = len(self._row_meta)
-        loss_slot, raw = self._row_views[slot]
-
         # Decide the step: a NaN or inf anywhere shows in the loss or in the sum of the
-        # gradient norms. Note: on a GPU this is one host transfer of two numbers a step: a
-        # non-finite step must be refused before the optimizer applies it, and the batched
-        # rows reach the host too late for that. On the CPU the row is host memory already,
-        # written and read with numpy: there a torch call costs more than the arithmetic.
-        if self._host_rows is not None and self.probe.measure_host(self._host_views[slot]):
-            loss_value, health = loss.item(), self.probe.host_health()
-            self._host_rows[slot, 0] = loss_value
-        else:
-            raw = self.probe.measure_raw(out=raw)
-            loss_slot.copy_(loss.detach())
-            pair = torch.stack([loss.detach().float(), self.probe.health(raw)])
-            loss_value, health = pair.tolist()
+        # gradient norms, and a non-finite step must be refused before the optimizer
+        # applies it (see `nbtrain.steprows` for what reading those two numbers costs).
+        loss_value, health, raw = self._steps.measure(loss)
         refused = not (math.isfinite(loss_value) and math.isfinite(health)) and self._diverge(
             [loss_value, float(self.probe.total_norm(raw))]
         )
@@ -1106,14 +1081,8 @@ class Experiment:
         self.step_count += 1  # a refused step counts: its row keeps the non-finite values
 
         # Record: the rows reach the history in batches (see the module docstring).
-        self._row_meta.append((self.step_count, self.epoch_count, lr))
-        if (
-            refused
-            or len(self._row_meta) == ROW_BUFFER
-            or self._pause_requested
-            or self._observers.get("step_completed")
-            or time.perf_counter() - self._flushed_at > FLUSH_SECONDS
-        ):
+        due = self._steps.keep(self.step_count, self.epoch_count, lr)
+        if due or refused or self._pause_requested or self._observers.get("step_completed"):
             self._flush()
         if refused:
             self._enter_diverged()
@@ -1169,21 +1138,7 @@ class Experiment:
         log.warning("%s", message)
 
     def _flush(self) -> None:
-        """Move the buffered rows into the history: one host transfer for all of them.
-
-        Note: a check that must see every step's loss (a divergence guard) belongs here,
-        on the whole block at once, rather than in the step, where it would cost a host
-        sync per step on a GPU; it then acts at most one batch of steps late.
-        """
-        self._flushed_at = time.perf_counter()
-        if not self._row_meta:
-            return
-        block = self._rows[: len(self._row_meta)].cpu()
-        stats = self.probe.combine(block[:, 1:])
-        steps, epochs, lrs = zip(*self._row_meta, strict=True)
-        self._row_meta = []
-        values = np.column_stack([block[:, 0].numpy(), lrs, stats.numpy()])
-        self.history.record_rows("step", steps, epochs, self._step_columns, values)
+        self._steps.flush(self.history)
 
     def _eval_batches(self, split: str) -> Any:
         if isinstance(self.data, Loaders):
