@@ -1,3 +1,6 @@
+import threading
+import time
+
 import pytest
 import torch
 
@@ -9,6 +12,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_training_left_behind():
+    """A test that leaves a training thread alive (a paused worker, a run never stopped)
+    fails itself, rather than the later tests that count the threads."""
+    yield
+    deadline = time.monotonic() + 5  # a run that is ending gets a moment to end
+    while time.monotonic() < deadline:
+        left = [t for t in threading.enumerate() if t.name == "nbtrain-training"]
+        if not left:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"{len(left)} training thread(s) still alive after the test: stop() them")
 
 
 @pytest.fixture

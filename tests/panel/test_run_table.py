@@ -195,4 +195,5 @@ def test_a_learning_rate_outside_the_sliders_range_is_shown_and_forked_unclamped
         dash.runs_panel.reset_form()
         assert dash.runs_panel.form_changes() == {}
     finally:
+        exp.stop()  # step() left a paused worker
         dash.close()
