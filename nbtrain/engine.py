@@ -313,7 +313,9 @@ class Experiment:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr
             group.pop("initial_lr", None)  # a fresh scheduler on a used optimizer starts over
-        left = max(self._target_epoch - self.epoch_count, 1) * self.steps_per_epoch - self._pos
+        # At an epoch's end its batches are used up: the next step begins the next epoch.
+        into_epoch = self._pos if self._pos < len(self._bounds) else 0
+        left = max(self._target_epoch - self.epoch_count, 1) * self.steps_per_epoch - into_epoch
         self._schedule_left = max(left, 1)
         self.scheduler = make_scheduler(
             cfg.schedule, self.optimizer, total_steps=self._schedule_left, monitor=cfg.monitor
@@ -377,7 +379,9 @@ class Experiment:
         with self._cond:
             after = {**dataclasses.asdict(self.config), **self._pending, **checked}
             self._check_fits(after, checked)
-            if "lr" in checked and after["schedule"] in OWNS_LR:
+            # A new schedule may come with its rate: the lr is then the one it starts from.
+            schedule_too = "schedule" in checked or "schedule" in self._pending
+            if "lr" in checked and after["schedule"] in OWNS_LR and not schedule_too:
                 raise ValueError(
                     f"lr is set by the {after['schedule']!r} schedule at every step; "
                     f"set(schedule='none') or 'plateau' first to change it by hand"
@@ -479,6 +483,8 @@ class Experiment:
             if "batch_size" in changes and mid_epoch:
                 # Batch size changes the epoch's batches: it waits for the epoch boundary.
                 self._pending["batch_size"] = changes.pop("batch_size")
+        if "lr" in changes and "schedule" in changes:  # the schedule starts from the new lr
+            changes = {"lr": changes.pop("lr"), **changes}
         for name, value in changes.items():
             old = getattr(self.config, name)
             if old == value:
@@ -648,6 +654,11 @@ class Experiment:
     def resume(self) -> None:
         """Continue a paused or diverged run (with whatever set() changed meanwhile)."""
         with self._cond:
+            if self.state == "diverged" and not self._loop_active:
+                raise RuntimeError(
+                    "the run that diverged has returned (run() blocks until it ends); "
+                    "call run() again to train on, or start() to train in the background"
+                )
             self._pause_requested = False
             self._single_steps = 0
             self._cond.notify_all()
@@ -694,8 +705,22 @@ class Experiment:
         self._join(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the background run ends; True if it has ended."""
-        return self._join(timeout)
+        """Block until the background run ends or diverges; True if it is not training.
+
+        A diverged run waits for you (set() then resume(), or stop()), so waiting for its
+        end would never return.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if threading.current_thread() is not self._loop_thread:
+            with self._cond:
+                # Note: after resume() the state reads "diverged" until the worker wakes;
+                # the pause request, cleared by resume(), tells the two apart.
+                held = lambda: self.state == "diverged" and self._pause_requested  # noqa: E731
+                self._cond.wait_for(lambda: not self._loop_active or held(), timeout)
+                if self._loop_active and held():
+                    return True
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._join(left)
 
     def _join(self, timeout: float | None) -> bool:
         worker = self._worker

@@ -297,3 +297,21 @@ def test_internals_histograms_and_dead_relu_fraction():
     exp.run()
     exp.request_internals()
     assert exp.internals.step == exp.step_count and exp.internals.layers[0].gradients
+
+
+@pytest.mark.parametrize("order", ["lr first", "schedule first"])
+def test_a_schedule_switched_on_with_its_rate_starts_from_that_rate(order):
+    # The slow-convergence remedy "One-cycle schedule up to 0.03" is one set() of both.
+    exp = Experiment(epochs=2, optimizer="sgd", lr=1e-3)
+    exp.run(epochs=1)
+    changes = {"lr": 0.03, "schedule": "onecycle"}
+    if order == "schedule first":
+        changes = {"schedule": "onecycle", "lr": 0.03}
+    exp.set(**changes)
+    assert exp.config.lr == 0.03 and exp.config.schedule == "onecycle"
+    exp.run(epochs=1)
+    _, lr = exp.history.series("lr")
+    after = lr[exp.steps_per_epoch :]
+    assert after.max() == pytest.approx(0.03, rel=0.02)  # the cycle peaks at the new rate
+    with pytest.raises(ValueError, match="lr is set by the 'onecycle' schedule"):
+        exp.set(lr=0.1)  # alone, under a schedule that owns the rate: still refused

@@ -221,6 +221,7 @@ class Dashboard(w.VBox):
 
         # Failures
         self.error_area = w.HTML(layout=w.Layout(display="none"))
+        self._refused: str | None = None  # a refused change, shown until a control works
 
         def row(*children: w.Widget) -> w.HBox:
             return w.HBox(list(children), layout=w.Layout(align_items="center"))
@@ -388,7 +389,10 @@ class Dashboard(w.VBox):
                 handler(arg)
             except Exception as exc:
                 log.exception("panel control failed")
-                self._show_error(f"{type(exc).__name__}: {exc}")
+                self._refused = f"{type(exc).__name__}: {exc}"
+                self._show_error(self._refused, kind="refused")
+            else:
+                self._refused = None  # the next control that works clears the notice
             self._wake.set()
 
         return guarded
@@ -521,7 +525,9 @@ class Dashboard(w.VBox):
                 self._internals_at = now
                 self._internals.update()
             if exp.error:
-                self._show_error(exp.error, diverged=exp.state == "diverged")
+                self._show_error(exp.error, "diverged" if exp.state == "diverged" else "failed")
+            elif self._refused:
+                self._show_error(self._refused, kind="refused")
             elif self.error_area.layout.display != "none":
                 self.error_area.layout.display = "none"
 
@@ -563,15 +569,18 @@ class Dashboard(w.VBox):
         if self.more is not None:  # a restart can change which blocks a skip can bridge
             self.more.skip.disabled = "skip" in exp.unavailable()
 
-    def _show_error(self, text: str, diverged: bool = False) -> None:
+    def _show_error(self, text: str, kind: str = "failed") -> None:
+        """Show a run's failure or divergence, or a control's refused change (`kind`)."""
         with self._lock:
             body = html.escape(text)
-            title = (
-                "The run diverged.</b> The last finite weights are kept. Lower the learning "
-                "rate or switch clipping on, then Resume (or Start); or Reset."
-                if diverged
-                else "The run failed.</b> The model and history are kept; Reset or Start again."
-            )
+            title = {
+                "diverged": "The run diverged.</b> The last finite weights are kept. Lower the "
+                "learning rate or switch clipping on, then Resume (or Start); or Reset.",
+                "failed": "The run failed.</b> The model and history are kept; Reset or Start "
+                "again.",
+                "refused": "That change was refused.</b> Nothing was changed; the run is as "
+                "it was.",
+            }[kind]
             self.error_area.value = (
                 "<div style='border-left:4px solid #d62728;padding:4px 8px;background:#fff5f5'>"
                 f"<b>{title}"

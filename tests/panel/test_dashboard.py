@@ -262,3 +262,20 @@ def test_a_refresh_over_a_million_steps_sends_bounded_lines_that_keep_an_early_s
         assert dash.gradients.norms.y.shape[1] <= 2000 // (2 * len(exp.probe.layer_names))
     finally:
         dash.close()
+
+
+def test_a_refused_control_says_so_until_a_control_works():
+    exp = Experiment(schedule="cosine", epochs=1)
+    dash = Dashboard(exp)
+    try:
+        dash.lr_slider.value = 0.1  # cosine owns the rate: set(lr=...) is refused
+        dash.refresh()  # the notice outlives the next refresh
+        assert "That change was refused." in dash.error_area.value
+        assert "lr is set by the &#x27;cosine&#x27; schedule" in dash.error_area.value
+        assert "The run failed" not in dash.error_area.value
+        assert dash.error_area.layout.display == "block" and exp.config.lr == 1e-3
+        dash.dropout_toggle.value = True  # a control that works clears it
+        dash.refresh()
+        assert dash.error_area.layout.display == "none"
+    finally:
+        dash.close()

@@ -168,6 +168,8 @@ def test_a_blocking_run_ends_as_diverged_and_a_second_run_continues(exp):
     exp.run()  # returns: nobody could resume a run that blocks its caller
     assert exp.state == "diverged" and not exp.running and exp.step_count == 3
     assert "diverged at step 3" in exp.error
+    with pytest.raises(RuntimeError, match=r"call run\(\) again to train on"):
+        exp.resume()  # nothing to resume: it says so rather than doing nothing
     exp.run(epochs=1)
     assert exp.state == "finished" and exp.error is None
     assert exp.history.events[1].kind == "diverged"
@@ -228,3 +230,16 @@ def test_loss_plot_keeps_drawing_after_a_non_finite_point():
     assert np.isfinite(figure.smoothed.y[[0, 1, 3, 4]]).all() and np.isnan(figure.smoothed.y[2])
     assert np.isfinite(figure.raw.y[[0, 1, 3, 4]]).all() and np.isnan(figure.raw.y[2])
     assert figure.val.y[0] == 2.0 and np.isnan(figure.val.y[1])
+
+
+def test_wait_returns_when_a_background_run_diverges(exp):
+    poison_output(exp, exp.model.head, at_step=5)
+    exp.start(epochs=50)
+    try:
+        started = time.monotonic()
+        assert exp.wait(timeout=30) is True
+        assert time.monotonic() - started < 20  # not the timeout: the divergence ended it
+        assert exp.state == "diverged" and exp.step_count == 5
+    finally:
+        exp.stop()
+    assert exp.wait(timeout=5) is True and exp.state == "stopped"
