@@ -158,14 +158,16 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu", std: flo
       initialization: it is sqrt(6) times smaller, and a deep ReLU net's signal shrinks.
     * ``he``/``he_normal`` and ``he_uniform``: std sqrt(2/fan_in), derived for ReLU.
     * ``xavier``/``xavier_normal`` and ``xavier_uniform``: std gain*sqrt(2/(fan_in+fan_out)),
-      derived for tanh and sigmoid; the gain is the activation's (5/3 for tanh, 1 for sigmoid).
+      derived for tanh and sigmoid: the gain is tanh's 5/3 under tanh, else 1, as Glorot and
+      Bengio had it. Under ReLU that is sqrt(2) smaller than He on layers of equal width (the
+      factor He et al. added for ReLU), so the two can be compared; with ReLU's gain they
+      would be the same numbers.
     * ``zeros``: every weight 0, so every unit of a layer computes the same thing forever.
     * ``normal``: N(0, std^2) with the given `std`.
 
     Biases start at zero except under ``default``, which keeps PyTorch's bias reset.
     """
-    gain_of = {"tanh": "tanh", "sigmoid": "sigmoid", "leaky_relu": "leaky_relu"}
-    gain = nn.init.calculate_gain(gain_of.get(activation, "relu"))
+    gain = nn.init.calculate_gain("tanh") if activation == "tanh" else 1.0  # Xavier's
     he_nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
     he_slope = 0.01 if activation == "leaky_relu" else 0.0
     for module in model.modules():

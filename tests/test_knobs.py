@@ -32,6 +32,7 @@ def _linear_std(scheme, activation="relu", std=0.01):
         ("xavier", "sigmoid", math.sqrt(2 / (FAN_IN + FAN_OUT))),
         ("xavier_uniform", "sigmoid", math.sqrt(2 / (FAN_IN + FAN_OUT))),
         ("xavier", "tanh", 5 / 3 * math.sqrt(2 / (FAN_IN + FAN_OUT))),
+        ("xavier", "relu", math.sqrt(2 / (FAN_IN + FAN_OUT))),  # Glorot's: no ReLU factor
         ("normal", "relu", 0.05),
     ],
 )
@@ -43,6 +44,16 @@ def test_weight_std_of_linear_64_128_matches_the_formula(scheme, activation, exp
 def test_zeros_init_zeroes_weights_and_bias():
     measured, bias = _linear_std("zeros")
     assert measured == 0 and torch.count_nonzero(bias) == 0
+
+
+def test_xavier_and_he_differ_by_sqrt2_on_a_relu_layer_of_equal_width():
+    square = nn.Sequential(nn.Linear(64, 64))
+    stds = {}
+    for scheme in ("he", "xavier"):
+        torch.manual_seed(0)
+        initialize(square, scheme, "relu")
+        stds[scheme] = square[0].weight.std().item()
+    assert stds["he"] / stds["xavier"] == pytest.approx(math.sqrt(2), rel=0.05)
 
 
 def test_pytorch_default_is_sqrt6_times_smaller_than_he():
