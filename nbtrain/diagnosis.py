@@ -192,9 +192,14 @@ class ExplodingGradients(Detector):
         return None
 
     def remedies(self, experiment: Experiment) -> tuple[Remedy, ...]:
+        # Note: once the run has diverged its weights have blown up already (finite, but
+        # far out), and momentum remembers the blow-up: clipping or batch norm switched on
+        # then diverge again on resume (measured on the preset), so they start afresh.
+        fresh = experiment.state == "diverged"
+        suffix = " (restart)" if fresh else ""
         found = [
-            Remedy("Clip gradients (max norm 1)", {"clip": 1.0}),
-            Remedy("Batch norm", {"batchnorm": True}),
+            Remedy(f"Clip gradients (max norm 1){suffix}", {"clip": 1.0}, restart=fresh),
+            Remedy(f"Batch norm{suffix}", {"batchnorm": True}, restart=fresh),
             Remedy(
                 "Lower the learning rate 10x (restart)",
                 {"lr": experiment.config.lr / 10},
@@ -371,7 +376,10 @@ class Diagnosis:
                 )
             elif evidence and standing:
                 old = self.standing[detector.challenge]
-                self.standing[detector.challenge] = dataclasses.replace(old, evidence=evidence)
+                # The remedies too: what fits may have changed (a run that diverged since).
+                self.standing[detector.challenge] = dataclasses.replace(
+                    old, evidence=evidence, remedies=detector.remedies(experiment)
+                )
             elif standing:
                 del self.standing[detector.challenge]
                 experiment._event(

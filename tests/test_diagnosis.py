@@ -222,3 +222,24 @@ def test_every_detector_states_its_rule_and_thresholds():
     ):
         doc = detector.__doc__
         assert doc.startswith("Rule:") and any(ch.isdigit() for ch in doc)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_remedy_offered_on_a_diverged_exploding_run_rescues_it(seed):
+    # Once diverged, the weights have blown up: the live switches would diverge again on
+    # resume, so each is a restart, and each then trains to the end.
+    exp = _run_budget("exploding", seed)
+    assert exp.state == "diverged"
+    remedies = exp.findings[0].remedies
+    assert [r.label for r in remedies] == [
+        "Clip gradients (max norm 1) (restart)",
+        "Batch norm (restart)",
+        "Lower the learning rate 10x (restart)",
+    ]
+    for index in range(len(remedies)):
+        again = _run_budget("exploding", seed)
+        again.findings[0].remedies[index].apply(again)
+        again.run(epochs=7)
+        _, losses = again.history.series("train_loss")
+        assert again.state == "finished" and np.isfinite(losses).all()
+        assert again.history.last("val_acc") > 0.85, remedies[index].label

@@ -13,7 +13,7 @@ from typing import Any
 import ipywidgets as w
 
 from ..challenges import PRESETS
-from ..diagnosis import DETECTORS, Detector
+from ..diagnosis import DETECTORS, Detector, Remedy
 from ..engine import Experiment
 
 Guard = Callable[[Callable[[Any], Any]], Callable[[Any], None]]
@@ -50,6 +50,13 @@ class _Card:
                 display="none", border_left=f"4px solid {color}", padding="2px 8px", margin="4px 0"
             ),
         )
+
+    def show_remedies(self, remedies: tuple[Remedy, ...]) -> None:
+        """Label the buttons with the finding's remedies (a diverged run's restart)."""
+        for button, remedy in zip(self.buttons, remedies):
+            if button.description != remedy.label:
+                button.description = button.tooltip = remedy.label
+                button.button_style = "warning" if remedy.restart else "info"
 
     def _apply(self, experiment: Experiment, index: int) -> None:
         remedies = self.detector.remedies(experiment)
@@ -111,5 +118,6 @@ class DiagnosisArea:
                 f"<br>{html.escape(finding.evidence)}<br>"
                 f"<small style='color:#555'>{html.escape(finding.explanation)}</small>"
             )
+            card.show_remedies(finding.remedies)
             card.box.layout.display = "flex"
         self.none.layout.display = "none" if standing else "block"
