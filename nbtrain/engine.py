@@ -1319,20 +1319,46 @@ class Experiment:
 
         The file reads with ``torch.load(path, weights_only=True)``; it is written to a
         temporary file beside `path` and moved into place, so it is never half-written.
+        It holds weights and state, never code: your own model, Dataset or DataLoader, loss
+        and optimizer are listed in it, and `load` asks for them again. An experiment
+        reading a Dataset or DataLoader is saved at an epoch boundary (a running one is
+        waited for; a paused or stopped one mid-epoch is refused).
         """
         from . import checkpoint
 
         checkpoint.save(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Experiment:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model: nn.Module | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        loss_fn: Any = None,
+        optimizer: Any = None,
+    ) -> Experiment:
         """The experiment saved at `path`, ready to resume: its step count continues.
 
-        Files that would need arbitrary unpickling are refused with a ValueError.
+        A checkpoint of your own model, Dataset or DataLoader, loss or optimizer needs them
+        again, given as `Experiment` takes them: a model built the same way (its weights
+        are replaced by the saved ones), the same data, loss and optimizer (factory or a
+        fresh instance over `model`). A missing one, one not needed, or a model whose
+        parameters differ from the saved ones is refused with a ValueError that names it.
+        Your arrays and tensors are in the file and need not be passed. Files that would
+        need arbitrary unpickling are refused with a ValueError.
         """
         from . import checkpoint
 
-        return checkpoint.load(path)
+        objects = dict(
+            model=model,
+            train_data=train_data,
+            val_data=val_data,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+        )
+        return checkpoint.load(path, objects)
 
     # Presentation
 

@@ -274,3 +274,152 @@ def test_augmentation_early_stopping_and_a_small_noisy_split_resume_exactly(tmp_
     assert loaded.step_count == never.step_count
     _same_history(loaded.history, never.history)
     assert loaded.early_stopping.best == never.early_stopping.best
+
+
+# Checkpoints of your own model, data, loss and optimizer
+
+
+def _net():
+    torch.manual_seed(3)  # the same initial weights each time, as "built the same way"
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 3)
+    )
+
+
+def _momentum(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def test_your_own_model_and_optimizer_resume_bit_for_bit(tmp_path, small_data):
+    exp = Experiment(
+        model=_net(), train_data=small_data, optimizer=_momentum, epochs=3, batch_size=32
+    )
+    exp.on("step_completed", _stop_at(12))  # mid-epoch: 8 steps an epoch
+    exp.run()
+    exp.save(tmp_path / "own.pt")
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    assert raw["yours"] == {"model": "Sequential", "optimizer": "SGD"}
+    assert "x_train" in raw["data"]  # your tensors travel in the file
+
+    loaded = Experiment.load(tmp_path / "own.pt", model=_net(), optimizer=_momentum)
+    assert (loaded.step_count, loaded.epoch_count) == (12, 1)
+    _same_parameters(loaded, exp)
+    assert torch.equal(
+        loaded.optimizer.state_dict()["state"][0]["momentum_buffer"],
+        exp.optimizer.state_dict()["state"][0]["momentum_buffer"],
+    )
+    exp.run(epochs=2)
+    loaded.run(epochs=2)
+    assert loaded.step_count == exp.step_count == 24
+    _same_history(loaded.history, exp.history)
+    _same_parameters(loaded, exp)
+    # reset() starts both over from the weights the model had when the experiment was made.
+    exp.reset()
+    loaded.reset()
+    _same_parameters(loaded, exp)
+
+
+def test_load_without_your_model_names_what_to_pass(tmp_path, small_data):
+    exp = Experiment(model=_net(), train_data=small_data, epochs=1)
+    exp.save(tmp_path / "own.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"saved from your own model \(Sequential\); pass it: "
+        r"Experiment\.load\(path, model=\.\.\.\)",
+    ):
+        Experiment.load(tmp_path / "own.pt")
+    both = Experiment(
+        model=_net(), train_data=small_data, loss_fn=torch.nn.CrossEntropyLoss(), epochs=1
+    )
+    both.save(tmp_path / "both.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"your own model \(Sequential\) and loss function \(CrossEntropyLoss\); pass "
+        r"them: Experiment\.load\(path, model=\.\.\., loss_fn=\.\.\.\)",
+    ):
+        Experiment.load(tmp_path / "both.pt")
+    Experiment(epochs=1).save(tmp_path / "builtin.pt")
+    with pytest.raises(ValueError, match=r"model= is not needed: .*built-in model \(mlp\)"):
+        Experiment.load(tmp_path / "builtin.pt", model=_net())
+
+
+def test_a_model_that_does_not_match_the_saved_weights_is_refused_by_name(tmp_path, small_data):
+    exp = Experiment(model=_net(), train_data=small_data, epochs=1)
+    exp.save(tmp_path / "own.pt")
+    wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"model=Sequential does not match the weights saved from Sequential: the given "
+        r"model has no 3\.weight, 3\.bias; the checkpoint has no 2\.weight, 2\.bias; "
+        r"0\.weight is \(32, 8\), saved \(16, 8\)",
+    ):
+        Experiment.load(tmp_path / "own.pt", model=wider)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A map-style Dataset that is not a TensorDataset, so nbtrain batches it itself."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _loaders(x, y):
+    shuffled = torch.Generator().manual_seed(5)
+    train = torch.utils.data.DataLoader(
+        _Rows(x[:240], y[:240]), batch_size=48, shuffle=True, generator=shuffled
+    )
+    return train, torch.utils.data.DataLoader(_Rows(x[240:], y[240:]), batch_size=60)
+
+
+def test_your_dataloaders_are_passed_again_and_resume_at_an_epoch_boundary(tmp_path, small_data):
+    exp = Experiment(model=_net(), train_data=_Rows(*small_data), epochs=3, batch_size=32)
+    exp.run(epochs=1)
+    exp.save(tmp_path / "ds.pt")
+    with pytest.raises(
+        ValueError, match=r"your own model \(Sequential\) and train_data \(_Rows\)"
+    ):
+        Experiment.load(tmp_path / "ds.pt")
+    loaded = Experiment.load(tmp_path / "ds.pt", model=_net(), train_data=_Rows(*small_data))
+    exp.run(epochs=2)
+    loaded.run(epochs=2)
+    _same_history(loaded.history, exp.history)
+
+    # Your DataLoaders: their shuffling generator's state is in the file.
+    exp = Experiment(
+        model=_net(),
+        train_data=_loaders(*small_data)[0],
+        epochs=3,
+        val_data=_loaders(*small_data)[1],
+    )
+    exp.run(epochs=1)
+    exp.save(tmp_path / "dl.pt")
+    train, val = _loaders(*small_data)
+    loaded = Experiment.load(tmp_path / "dl.pt", model=_net(), train_data=train, val_data=val)
+    exp.run(epochs=2)
+    loaded.run(epochs=2)
+    _same_history(loaded.history, exp.history)
+    _same_parameters(loaded, exp)
+
+    # Mid-epoch, a DataLoader's position is in its iterator, which no file holds.
+    exp.on("step_completed", _stop_at(exp.step_count + 2))
+    exp.run(epochs=1)
+    with pytest.raises(ValueError, match=r"cannot hold a DataLoader's position inside an epoch"):
+        exp.save(tmp_path / "mid.pt")
+
+
+def test_a_fork_of_your_own_model_trains_its_own_copy(small_data):
+    net = _net()
+    exp = Experiment(model=net, train_data=small_data, optimizer=_momentum, epochs=2)
+    exp.run(epochs=1)
+    child = exp.fork()
+    assert child.model is not net and type(child.model) is type(net)
+    exp.run(epochs=1)
+    child.run(epochs=1)
+    _same_history(child.history, exp.history)
+    _same_parameters(child, exp)
