@@ -597,6 +597,16 @@ def _check_objects(state: dict[str, Any], objects: dict[str, Any]) -> None:
             )
 
 
+def objects_from(path: str | os.PathLike[str], exp: Experiment) -> dict[str, Any]:
+    """What the checkpoint at `path` needs of your objects, taken from `exp`: copies of its
+    model and optimizer, its data and loss (the panel's Load passes the experiment it drives)."""
+    needed = read(path).get("yours", {})
+    if not needed:
+        return {}
+    mine = _copies(exp)
+    return {name: mine[name] for name in needed if name in mine}
+
+
 def load(path: str | os.PathLike[str], objects: dict[str, Any] | None = None) -> Experiment:
     """`Experiment.load`: the checkpoint at `path`, rebuilt with `objects` (see YOURS)."""
     state = read(path)

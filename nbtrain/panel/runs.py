@@ -388,10 +388,13 @@ class RunsPanel(w.VBox):
         self.message.value = f"saved run {self.dashboard.experiment.run_id} to {path}"
 
     def _load(self, _: Any) -> None:
+        from ..checkpoint import objects_from
         from ..engine import Experiment
 
         path = self._stem().with_suffix(".pt")
-        exp = Experiment.load(path)
+        # A checkpoint of your own model (or data, loss, optimizer) needs them again: the
+        # experiment the panel drives has them.
+        exp = Experiment.load(path, **objects_from(path, self.dashboard.experiment))
         if exp.runs is not self.registry:
             self.registry.adopt(exp, name=exp.current_run.name, config=exp.current_run.config)
         self.dashboard.attach(exp)

@@ -197,3 +197,29 @@ def test_a_learning_rate_outside_the_sliders_range_is_shown_and_forked_unclamped
     finally:
         exp.stop()  # step() left a paused worker
         dash.close()
+
+
+def test_the_load_button_brings_back_a_checkpoint_of_your_own_model(registry, tmp_path):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 3
+    x = torch.randn(120, 8, generator=g) + torch.nn.functional.one_hot(y, 8).float()
+    exp = Experiment(model=model, data=(x, y), epochs=1)
+    exp.run()
+    dash = Dashboard(exp)
+    try:
+        dash.runs_panel.path.value = str(tmp_path / "own")
+        dash.runs_panel.buttons["Save checkpoint"].click()
+        dash.runs_panel.buttons["Load checkpoint"].click()
+        loaded = dash.experiment
+        assert dash.error_area.layout.display == "none", dash.error_area.value
+        assert loaded is not exp and loaded.step_count == exp.step_count
+        assert loaded.model is not exp.model  # a copy: training one leaves the other alone
+        for a, b in zip(loaded.model.parameters(), exp.model.parameters()):
+            assert torch.equal(a, b)
+    finally:
+        dash.close()
