@@ -521,7 +521,9 @@ class Dashboard(w.VBox):
                 self._internals_at = now
                 self._internals.update()
             if exp.error:
-                self._show_error(exp.error, diverged=exp.state == "diverged")
+                # Your loop diverged while it still runs: nbtrain reports it (Watcher).
+                diverged = exp.state == "diverged" or getattr(exp, "diverged_at", None)
+                self._show_error(exp.error, diverged=bool(diverged))
             elif self.error_area.layout.display != "none":
                 self.error_area.layout.display = "none"
 
@@ -532,6 +534,9 @@ class Dashboard(w.VBox):
         if not self.external:
             parts.append(f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}")
         parts.append(f"step {exp.step_count}")
+        diverged_at = getattr(exp, "diverged_at", None)
+        if diverged_at is not None and exp.state != "diverged":
+            parts.append(f"diverged at step {diverged_at}")
         if rate:
             parts.append(f"{rate:,.0f} steps/s")
         val = exp.history.last("val_acc")
@@ -543,7 +548,7 @@ class Dashboard(w.VBox):
         with self.progress.hold_sync():  # one message for both traits
             self.progress.value = exp.progress
             styles = {"failed": "danger", "diverged": "warning", "finished": "success"}
-            self.progress.bar_style = styles.get(exp.state, "")
+            self.progress.bar_style = styles.get(exp.state, "warning" if diverged_at else "")
 
     def _update_controls(self) -> None:
         exp = self.experiment
@@ -566,12 +571,21 @@ class Dashboard(w.VBox):
     def _show_error(self, text: str, diverged: bool = False) -> None:
         with self._lock:
             body = html.escape(text)
-            title = (
-                "The run diverged.</b> The last finite weights are kept. Lower the learning "
-                "rate or switch clipping on, then Resume (or Start); or Reset."
-                if diverged
-                else "The run failed.</b> The model and history are kept; Reset or Start again."
-            )
+            if self.external:  # your loop: nbtrain neither refuses its steps nor restarts it
+                title = (
+                    "Your loop diverged.</b> Its optimizer took the non-finite step. Stop it "
+                    "(should_stop), lower the learning rate or clip, and run it again."
+                    if diverged
+                    else "The run failed.</b> The model and history are kept."
+                )
+            else:
+                title = (
+                    "The run diverged.</b> The last finite weights are kept. Lower the learning "
+                    "rate or switch clipping on, then Resume (or Start); or Reset."
+                    if diverged
+                    else "The run failed.</b> The model and history are kept; Reset or Start "
+                    "again."
+                )
             self.error_area.value = (
                 "<div style='border-left:4px solid #d62728;padding:4px 8px;background:#fff5f5'>"
                 f"<b>{title}"
