@@ -18,12 +18,21 @@ Note: a kept reference holds one extra set of gradients in memory until the next
 Pause and Stop are requests your loop honours: Pause holds your loop inside `log()` until
 Resume (only when the loop runs in another thread than the panel's clicks; see the README),
 and Stop sets `should_stop`, which your loop checks to break out.
+
+Divergence: the engine refuses a non-finite step before its optimizer; here your optimizer
+has taken it by the time nbtrain sees the values (they are read in `flush()`, not at
+`log()`, so that your loop never waits). So the first non-finite train loss (or gradient
+norm, once the weights show the step was applied) is reported, not refused: `error` holds
+the message, a "diverged" event marks that step on the plots, a warning is logged,
+`diverged_at` names the step for your loop to check, and the run ends as "diverged". Your
+loop is not stopped for it: `should_stop` stays the panel's Stop.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import time
 import traceback
@@ -48,10 +57,23 @@ ALIASES = {"loss": "train_loss", "acc": "train_acc", "accuracy": "train_acc"}
 EVAL_PREFIXES = ("val_", "test_")
 EVAL_NAMES = ("train_acc",)
 LIVE = ("dropout", "batchnorm", "lr")  # what set() can change on your loop
+ENDED = ("finished", "stopped", "failed", "diverged")
 
 
 def _table_of(name: str) -> str:
     return "eval" if name.startswith(EVAL_PREFIXES) or name in EVAL_NAMES else "step"
+
+
+def _is_accuracy(name: str) -> bool:
+    """An accuracy (a fraction in [0, 1]: the accuracy plot's axis), by its logged name."""
+    return name.endswith(("_acc", "accuracy"))
+
+
+def _bad_accuracy(name: str, value: float, step: int) -> str:
+    return (
+        f"metric {name!r} must be an accuracy in [0, 1], got {value!r} at step {step} "
+        "(a percentage? divide it by 100)"
+    )
 
 
 class Watcher:
@@ -111,6 +133,10 @@ class Watcher:
         self.step_count = 0
         self.epoch_count = 0
         self.should_stop = False
+        # The first step read as non-finite (see the module docstring), or None.
+        self.diverged_at: int | None = None
+        self._last_row_step = 0  # the last step with a per-step row (loss, gradients)
+        self._bad_input: str | None = None  # a tensor metric found bad in flush(), raised next
         self._cond = threading.Condition(threading.RLock())
         self._pending: dict[str, Any] = {}
         self._pause_requested = False
@@ -150,16 +176,88 @@ class Watcher:
             # The one host transfer, then per-layer statistics on the CPU (`combine`).
             flat = torch.cat([p.to(packed[0].device) for p in packed]).cpu() if packed else None
             at = 0
+            bad_loss = bad_grads = None  # this block's first non-finite step of each kind
             for step, epoch, names, values, tensor_at, measured, lr, _ in records:
                 values = list(values)
                 for index in tensor_at:
                     values[index], at = float(flat[at]), at + 1
+                if any(_is_accuracy(names[i]) and not 0 <= values[i] <= 1 for i in tensor_at):
+                    names, values = self._refuse_read(names, values, tensor_at, step)
                 stats: list[float] = []
                 if measured:
                     width = self.probe.raw_width
                     stats = self.probe.combine(flat[at : at + width])[0].tolist()
                     at += width
                 self._record(step, epoch, names, values, stats, lr)
+                if self.diverged_at is None and bad_loss is None:
+                    loss = values[names.index("train_loss")] if "train_loss" in names else None
+                    norm = stats[0] if stats else None
+                    if loss is not None and not math.isfinite(loss):
+                        bad_loss = (step, epoch, loss, norm)
+                    elif bad_grads is None and norm is not None and not math.isfinite(norm):
+                        bad_grads = (step, epoch, loss, norm)
+            if self.diverged_at is None and (bad_loss or bad_grads):
+                self._check_divergence(bad_loss, bad_grads)
+
+    def _refuse_read(
+        self, names: list[str], values: list[float], tensor_at: list[int], step: int
+    ) -> tuple[list[str], list[float]]:
+        """Leave out the tensor accuracies outside [0, 1] (read only now); the next `log()`
+        or the end of the run raises the first in your loop's thread."""
+        bad = {i for i in tensor_at if _is_accuracy(names[i]) and not 0 <= values[i] <= 1}
+        for i in sorted(bad):
+            message = _bad_accuracy(names[i], values[i], step)
+            log.warning("%s; it is left out of the history", message)
+            if self._bad_input is None:
+                self._bad_input = message
+        kept = [i for i in range(len(names)) if i not in bad]
+        return [names[i] for i in kept], [values[i] for i in kept]
+
+    def _check_divergence(self, bad_loss: tuple | None, bad_grads: tuple | None) -> None:
+        """Report the block's first non-finite step (see the module docstring).
+
+        A non-finite gradient norm under a finite loss is a divergence only if the weights
+        are no longer finite: a loop with ``torch.amp.GradScaler`` produces such gradients
+        on purpose and skips the step, which must not read as a diverged run. The weights are
+        read for this only here, in the rare block that has such a step.
+        """
+        if bad_grads is not None and (bad_loss is None or bad_grads[0] < bad_loss[0]):
+            if self._weights_finite():
+                log.info(
+                    "step %d: gradient norm %g, but the weights are finite (a skipped step, "
+                    "as torch.amp.GradScaler does): not a divergence",
+                    bad_grads[0],
+                    bad_grads[3],
+                )
+            else:
+                bad_loss = bad_grads
+        if bad_loss is None:
+            return
+        step, epoch, loss, norm = bad_loss
+        read = ", ".join(
+            f"{name} {value:g}"
+            for name, value in (("loss", loss), ("gradient norm", norm))
+            if value is not None
+        )
+        message = (
+            f"diverged at step {step}: {read}. Your loop's optimizer took that step (nbtrain "
+            "cannot refuse a step in your loop), so the weights are unlikely to recover: stop "
+            "the loop, lower the learning rate or clip the gradients, and run again."
+        )
+        detail = {"loss": loss, "grad_norm": norm}
+        self.diverged_at, self.error, self.exception = step, message, None
+        self._history.add_event(
+            Event(step, epoch + 1, "diverged", f"diverged at step {step}", detail)
+        )
+        log.warning("%s", message)
+
+    def _weights_finite(self) -> bool:
+        params = self.probe.parameters
+        if not params:
+            return True
+        device = self.probe.device
+        checks = [torch.isfinite(p.detach()).all().to(device) for p in params]
+        return bool(torch.stack(checks).all())
 
     def _record(
         self,
@@ -191,6 +289,11 @@ class Watcher:
     @property
     def running(self) -> bool:
         return self.state in ("running", "paused")
+
+    @property
+    def ended(self) -> bool:
+        """The run ended (finished, stopped, failed or diverged); `with watcher:` goes on."""
+        return self.state in ENDED
 
     @property
     def findings(self) -> list:
@@ -342,15 +445,30 @@ class Watcher:
         ``loss``/``train_loss`` go to the loss plot; ``val_loss`` is the validation line;
         ``val_acc`` and ``train_acc`` go to the accuracy plot. Changes queued from the
         panel take effect here, between your steps.
+
+        Steps count from 1 and go up across epochs; only evaluations (``val_*``,
+        ``train_acc``) may repeat the last step, as a validation after it does. Accuracies
+        must be in [0, 1] (a tensor one is checked when read, and raised at the next call).
+        After the run ended, log() raises: a new ``with watcher:`` goes on with it.
         """
+        if self.ended:
+            raise RuntimeError(
+                f"log() after the run ended ({self.state} at step {self.step_count}); to go "
+                "on with the same history, log inside a new `with watcher:` block (steps "
+                f"then go on from {self.step_count + 1})"
+            )
+        if self._bad_input is not None:
+            message, self._bad_input = self._bad_input, None
+            raise ValueError(message)
         if step is None:
             step = self.step_count + 1
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        if self.state in ("idle", "finished", "stopped", "failed"):
-            self._begin()
-        if epoch is not None:
-            self.epoch_count = epoch
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"step must be an integer >= 1 (steps count from 1), got {step!r}")
+        step = int(step)
+        if epoch is not None and (
+            not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0
+        ):
+            raise ValueError(f"epoch must be None or an integer >= 0, got {epoch!r}")
 
         # Numbers are kept as they are; tensors and gradient statistics stay on the device,
         # packed into one tensor that the next flush() reads (no sync here).
@@ -366,6 +484,23 @@ class Watcher:
                 raise ValueError(
                     f"metric {name!r} must be a number or a one-element tensor, got {value!r:.60}"
                 )
+            if index not in tensor_at and _is_accuracy(names[index]):
+                if not 0 <= values[index] <= 1:
+                    raise ValueError(_bad_accuracy(name, value, step))
+        # Steps only go up: a step repeats only to add evaluations (val_*, train_acc) to it.
+        per_step = bool(self._grads) or any(_table_of(n) == "step" for n in names)
+        if step < self.step_count or (per_step and step <= self._last_row_step):
+            last = max(self.step_count, self._last_row_step)
+            raise ValueError(
+                f"step must be greater than the last logged step {last}, got {step} (only "
+                "evaluations such as val_loss, val_acc may repeat a step); count steps across "
+                "epochs, e.g. a counter that goes on from one epoch to the next, or leave "
+                "step out to count from the last one"
+            )
+        if self.state == "idle":
+            self._begin()
+        if epoch is not None:
+            self.epoch_count = int(epoch)
         grads, self._grads = self._grads, {}
         device = self.probe.device
         parts = [
@@ -378,7 +513,9 @@ class Watcher:
         record = (step, self.epoch_count, names, values, tensor_at, bool(grads), lr, packed)
         with self._unread_lock:
             self._unread.append(record)
-        self.step_count = max(self.step_count, step)
+        self.step_count = step
+        if per_step:
+            self._last_row_step = step
         if len(self._unread) >= 1000:  # nobody reads (no panel): bound what waits
             self.flush()
 
@@ -390,7 +527,7 @@ class Watcher:
     def _begin(self) -> None:
         self.state = "running"
         self.should_stop = False
-        self.error = None
+        self.error = self.exception = self.diverged_at = None
         self._started_at, self._ended_at = time.perf_counter(), None
         self._event("started", "start")
         self._emit("run_started")
@@ -426,18 +563,31 @@ class Watcher:
             self._event("change", label, {"name": name, "old": old, "new": value})
 
     def finish(self, error: BaseException | None = None) -> None:
-        """End the run: "stopped" if Stop was asked, "failed" with an error, else "finished"."""
-        if self.state not in ("running", "paused"):
+        """End the run: "failed" with an error, "diverged" if a non-finite step was read,
+        "stopped" if Stop was asked, else "finished".
+
+        The event at the end says how your loop ended (finished, stopped or failed); the
+        state says how the run went. A bad tensor metric read only now is raised here
+        (after the run has ended), unless your loop is failing with an error of its own.
+        """
+        self._end(error, raise_bad_input=error is None)
+
+    def _end(self, error: BaseException | None, raise_bad_input: bool) -> None:
+        if not self.running:
             return
         self.flush()
-        outcome = "failed" if error else "stopped" if self.should_stop else "finished"
+        ended = "failed" if error else "stopped" if self.should_stop else "finished"
+        outcome = "diverged" if ended != "failed" and self.diverged_at is not None else ended
         self._ended_at = time.perf_counter()
         if error is not None:
             self.exception = error
             self.error = "".join(traceback.format_exception(error))
         self.state = outcome
-        self._event(outcome, outcome if not error else f"failed: {error!r:.60}")
+        self._event(ended, ended if not error else f"failed: {error!r:.60}")
         self._emit("run_ended", outcome)
+        if self._bad_input is not None and raise_bad_input:
+            message, self._bad_input = self._bad_input, None
+            raise ValueError(message)
 
     def close(self) -> None:
         """Remove the gradient hooks (the model trains on, unwatched)."""
@@ -446,10 +596,16 @@ class Watcher:
         self._handles = []
 
     def __enter__(self) -> Watcher:
+        """Start the run, or go on with an ended one: a new segment of the same history
+        (its steps go on from the last one)."""
+        if not self.running:
+            self._begin()
         return self
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        self.finish(error if isinstance(error, Exception) else None)
+        # A KeyboardInterrupt ends the run as it would have, and is not masked by a
+        # bad-input error.
+        self._end(error if isinstance(error, Exception) else None, raise_bad_input=kind is None)
 
     # Display
 

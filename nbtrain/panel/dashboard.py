@@ -525,7 +525,9 @@ class Dashboard(w.VBox):
                 self._internals_at = now
                 self._internals.update()
             if exp.error:
-                self._show_error(exp.error, "diverged" if exp.state == "diverged" else "failed")
+                # Your loop diverged while it still runs: nbtrain reports it (Watcher).
+                diverged = exp.state == "diverged" or getattr(exp, "diverged_at", None)
+                self._show_error(exp.error, "diverged" if diverged else "failed")
             elif self._refused:
                 self._show_error(self._refused, kind="refused")
             elif self.error_area.layout.display != "none":
@@ -538,6 +540,9 @@ class Dashboard(w.VBox):
         if not self.external:
             parts.append(f"epoch {exp.epoch_count}/{exp.target_epoch or exp.config.epochs}")
         parts.append(f"step {exp.step_count}")
+        diverged_at = getattr(exp, "diverged_at", None)
+        if diverged_at is not None and exp.state != "diverged":
+            parts.append(f"diverged at step {diverged_at}")
         if rate:
             parts.append(f"{rate:,.0f} steps/s")
         val = exp.history.last("val_acc")
@@ -549,7 +554,7 @@ class Dashboard(w.VBox):
         with self.progress.hold_sync():  # one message for both traits
             self.progress.value = exp.progress
             styles = {"failed": "danger", "diverged": "warning", "finished": "success"}
-            self.progress.bar_style = styles.get(exp.state, "")
+            self.progress.bar_style = styles.get(exp.state, "warning" if diverged_at else "")
 
     def _update_controls(self) -> None:
         exp = self.experiment
@@ -573,14 +578,21 @@ class Dashboard(w.VBox):
         """Show a run's failure or divergence, or a control's refused change (`kind`)."""
         with self._lock:
             body = html.escape(text)
-            title = {
+            titles = {
                 "diverged": "The run diverged.</b> The last finite weights are kept. Lower the "
                 "learning rate or switch clipping on, then Resume (or Start); or Reset.",
                 "failed": "The run failed.</b> The model and history are kept; Reset or Start "
                 "again.",
                 "refused": "That change was refused.</b> Nothing was changed; the run is as "
                 "it was.",
-            }[kind]
+            }
+            if self.external:  # your loop: nbtrain neither refuses its steps nor restarts it
+                titles["diverged"] = (
+                    "Your loop diverged.</b> Its optimizer took the non-finite step. Stop it "
+                    "(should_stop), lower the learning rate or clip, and run it again."
+                )
+                titles["failed"] = "The run failed.</b> The model and history are kept."
+            title = titles[kind]
             self.error_area.value = (
                 "<div style='border-left:4px solid #d62728;padding:4px 8px;background:#fff5f5'>"
                 f"<b>{title}"
