@@ -4,6 +4,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from mapdata import Pairs
 
 from nbtrain import Experiment
 from nbtrain.checkpoint import atomic_write
@@ -356,36 +357,23 @@ def test_a_model_that_does_not_match_the_saved_weights_is_refused_by_name(tmp_pa
         Experiment.load(tmp_path / "own.pt", model=wider)
 
 
-class _Rows(torch.utils.data.Dataset):
-    """A map-style Dataset that is not a TensorDataset, so nbtrain batches it itself."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def _loaders(x, y):
     shuffled = torch.Generator().manual_seed(5)
     train = torch.utils.data.DataLoader(
-        _Rows(x[:240], y[:240]), batch_size=48, shuffle=True, generator=shuffled
+        Pairs(x[:240], y[:240]), batch_size=48, shuffle=True, generator=shuffled
     )
-    return train, torch.utils.data.DataLoader(_Rows(x[240:], y[240:]), batch_size=60)
+    return train, torch.utils.data.DataLoader(Pairs(x[240:], y[240:]), batch_size=60)
 
 
 def test_your_dataloaders_are_passed_again_and_resume_at_an_epoch_boundary(tmp_path, small_data):
-    exp = Experiment(model=_net(), train_data=_Rows(*small_data), epochs=3, batch_size=32)
+    exp = Experiment(model=_net(), train_data=Pairs(*small_data), epochs=3, batch_size=32)
     exp.run(epochs=1)
     exp.save(tmp_path / "ds.pt")
     with pytest.raises(
-        ValueError, match=r"your own model \(Sequential\) and train_data \(_Rows\)"
+        ValueError, match=r"your own model \(Sequential\) and train_data \(Pairs\)"
     ):
         Experiment.load(tmp_path / "ds.pt")
-    loaded = Experiment.load(tmp_path / "ds.pt", model=_net(), train_data=_Rows(*small_data))
+    loaded = Experiment.load(tmp_path / "ds.pt", model=_net(), train_data=Pairs(*small_data))
     exp.run(epochs=2)
     loaded.run(epochs=2)
     _same_history(loaded.history, exp.history)

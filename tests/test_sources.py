@@ -3,24 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from mapdata import Pairs
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from nbtrain import Experiment
 from nbtrain.sources import infer_task, resolve_device
-
-
-class Pairs(Dataset):
-    """A plain map-style Dataset (not a TensorDataset), as users write them."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def _mlp(n_in=8, n_out=3):
