@@ -250,7 +250,6 @@ class Experiment:
         self._buffers = [b for b in self.model.buffers()]
         self._saved_buffers = [b.clone() for b in self._buffers]
         self._steps = StepRows(self.probe)
-        self._step_columns = self._steps.columns
         self._next_step_at = 0.0  # the pace's clock (see `speed`)
         self._rng_state = torch.get_rng_state()  # dropout's draws continue across start/stop
         self._order = torch.Generator().manual_seed(cfg.seed)  # shuffling only
@@ -1216,6 +1215,11 @@ class Experiment:
             self.diagnosis.check(self)
 
     # Internals
+
+    @property
+    def _step_columns(self) -> list[str]:
+        """The history's per-step columns: loss, lr, then the probe's statistics."""
+        return self._steps.columns
 
     @property
     def probe_layers(self) -> list[tuple[str, nn.Module]]:

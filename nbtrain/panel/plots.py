@@ -285,25 +285,19 @@ class _MarkedFigure:
             line_style="dashed",
             stroke_width=1,
         )
-        self.marker_labels = bq.Label(
-            x=[],
-            y=[],
-            text=[],
-            scales={"x": self.x_scale, "y": self.unit},
-            colors=[MARKER_COLOR],
-            default_size=11,
-            align="start",
-            x_offset=3,
-        )
-        self.marker_labels_left = bq.Label(
-            x=[],
-            y=[],
-            text=[],
-            scales={"x": self.x_scale, "y": self.unit},
-            colors=[MARKER_COLOR],
-            default_size=11,
-            align="end",
-            x_offset=-3,
+        # Labels right of their marker, and left of it for those near the right edge.
+        self.marker_labels, self.marker_labels_left = (
+            bq.Label(
+                x=[],
+                y=[],
+                text=[],
+                scales={"x": self.x_scale, "y": self.unit},
+                colors=[MARKER_COLOR],
+                default_size=11,
+                align=align,
+                x_offset=offset,
+            )
+            for align, offset in (("start", 3), ("end", -3))
         )
         self._marked: tuple | int = 0
 

@@ -131,6 +131,57 @@ class JupyterServer:
         return self.log.read_text(errors="replace")[-chars:]
 
 
+def _environment(home: Path, jupyter: Path) -> dict[str, str]:
+    """A server's environment: its own home and Jupyter folders, and the kernel importing
+    nbtrain from this checkout, whatever the venv points at."""
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        JUPYTER_CONFIG_DIR=str(jupyter / "config"),
+        JUPYTER_DATA_DIR=str(jupyter / "data"),
+        JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
+        IPYTHONDIR=str(home / ".ipython"),
+        JUPYTER_PLATFORM_DIRS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    return env
+
+
+@contextmanager
+def _serving(
+    process: subprocess.Popen,
+    server: Any,
+    ready: Callable[[], object],
+    errors: tuple[type[BaseException], ...],
+    timeout: float,
+) -> Iterator[Any]:
+    """Wait until `ready()` no longer raises one of `errors`, yield `server`, then end the
+    process (terminate, and kill it if it lingers)."""
+    name = Path(process.args[2]).name if isinstance(process.args, list) else "server"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.tail()}")
+            try:
+                ready()
+                break
+            except errors as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{name} not ready in {timeout:.0f} s:\n{server.tail()}"
+                    ) from exc
+                time.sleep(0.25)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 @contextmanager
 def jupyter_server(
     workdir: Path, app: str = "lab", timeout: float = 90.0
@@ -152,17 +203,7 @@ def jupyter_server(
     config = {"LabApp": app_settings, "JupyterNotebookApp": app_settings}
     (jupyter / "config" / "jupyter_server_config.json").write_text(json.dumps(config))
 
-    env = dict(os.environ)
-    env.update(
-        HOME=str(home),
-        JUPYTER_CONFIG_DIR=str(jupyter / "config"),
-        JUPYTER_DATA_DIR=str(jupyter / "data"),
-        JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
-        IPYTHONDIR=str(home / ".ipython"),
-        JUPYTER_PLATFORM_DIRS="1",
-        # The kernel imports nbtrain from this checkout, whatever the venv points at.
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
+    env = _environment(home, jupyter)
     port, token = _free_port(), secrets.token_hex(16)
     log = workdir / "jupyter.log"
     command = [
@@ -175,30 +216,9 @@ def jupyter_server(
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = JupyterServer(process, port, token, notebooks, log)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"jupyter lab exited with {process.returncode}:\n{server.tail()}"
-                )
-            try:
-                server.api("status")
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"jupyter {app} not ready in {timeout:.0f} s:\n{server.tail()}"
-                    ) from exc
-                time.sleep(0.25)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    errors = (urllib.error.URLError, ConnectionError, TimeoutError)
+    with _serving(process, server, lambda: server.api("status"), errors, timeout) as ready:
+        yield ready
 
 
 @contextmanager
@@ -462,16 +482,7 @@ def voila_server(notebook: Path, workdir: Path, timeout: float = 60.0) -> Iterat
     home, jupyter = workdir / "home", workdir / "jupyter"
     for folder in (home, jupyter / "config", jupyter / "data", jupyter / "runtime"):
         folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        HOME=str(home),
-        JUPYTER_CONFIG_DIR=str(jupyter / "config"),
-        JUPYTER_DATA_DIR=str(jupyter / "data"),
-        JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
-        IPYTHONDIR=str(home / ".ipython"),
-        JUPYTER_PLATFORM_DIRS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
+    env = _environment(home, jupyter)
     port = _free_port()
     log = workdir / "voila.log"
     command = [
@@ -481,25 +492,9 @@ def voila_server(notebook: Path, workdir: Path, timeout: float = 60.0) -> Iterat
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = VoilaServer(process, port, log)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"voila exited with {process.returncode}:\n{server.tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"voila not listening in {timeout:.0f} s:\n{server.tail()}"
-                    ) from exc
-                time.sleep(0.25)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+
+    def listening() -> None:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    with _serving(process, server, listening, (OSError,), timeout) as ready:
+        yield ready
